@@ -1,0 +1,42 @@
+"""peftjax: parameter-efficient fine-tuning for Flax NNX."""
+
+from peftjax.core.counting import ParamCount, count_params, summary
+from peftjax.core.inject import apply, applied_methods, iter_wrappers, merge, unmerge
+from peftjax.core.labels import PeftOptimizer, make_optimizer, param_labels
+from peftjax.errors import PeftError
+from peftjax.methods import registered_methods
+from peftjax.methods.base import FROZEN, AdapterWrapper, MethodConfig, config_from_dict, register_method
+from peftjax.train.state import TrainState, TrainStep, make_train_step
+from peftjax.variables import AdapterBuffer, AdapterParam
+
+__all__ = [
+    "FROZEN",
+    "AdapterBuffer",
+    "AdapterParam",
+    "AdapterWrapper",
+    "MethodConfig",
+    "ParamCount",
+    "PeftError",
+    "PeftOptimizer",
+    "TrainState",
+    "TrainStep",
+    "applied_methods",
+    "apply",
+    "config_from_dict",
+    "count_params",
+    "iter_wrappers",
+    "make_optimizer",
+    "make_train_step",
+    "merge",
+    "param_labels",
+    "register_method",
+    "registered_methods",
+    "summary",
+    "unmerge",
+]
+
+# Every registered method's config is exported under its class name
+# (peftjax.LoraConfig, ...), so a new method file needs no edit here.
+for _config in registered_methods().values():
+    globals()[_config.__name__] = _config
+    __all__.append(_config.__name__)

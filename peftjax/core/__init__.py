@@ -1,0 +1,1 @@
+"""The machinery every method shares: paths, injection, labels, counting."""

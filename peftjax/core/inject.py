@@ -1,0 +1,163 @@
+"""Model surgery: put method wrappers into an NNX module graph, merge, unmerge.
+
+Every operation here validates first and changes the model only when nothing
+can fail any more, so a model that raised is the model it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flax import nnx
+
+from peftjax.core.kernels import SUPPORTED_LAYERS
+from peftjax.core.paths import ALL_LINEAR, dotted, matches, suggest
+from peftjax.errors import PeftError
+from peftjax.methods.base import AdapterWrapper, MethodConfig
+
+# The attribute on the model's root module where applied methods are recorded,
+# as a tuple of (adapter name, config) pairs: static, so it lives in the graphdef.
+METHODS_ATTR = "peftjax_methods"
+DEFAULT_ADAPTER = "default"
+# Output heads that "all-linear" leaves alone when the model names none itself.
+DEFAULT_OUTPUT_HEADS = ("lm_head", "classifier", "score", "head")
+
+
+def applied_methods(model: nnx.Module) -> tuple[tuple[str, MethodConfig], ...]:
+    """The (adapter name, config) pairs applied to ``model``, oldest first."""
+    return getattr(model, METHODS_ATTR, ())
+
+
+def iter_wrappers(model: nnx.Module) -> Iterator[tuple[str, AdapterWrapper]]:
+    """Every wrapper in ``model`` with its dotted path, inner wrappers first."""
+    found = [(dotted(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, AdapterWrapper)]
+    yield from sorted(found, key=lambda item: -item[0].count("."))
+
+
+def _candidates(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """Modules a config may target: all but the root and the insides of wrappers
+    (a wrapper's base and its own sub-modules belong to the wrapper)."""
+    modules = list(nnx.iter_modules(model))
+    inside = {p for p, m in modules if isinstance(m, AdapterWrapper)}
+    return [
+        (p, m)
+        for p, m in modules
+        if p and not any(p[: len(w)] == w and len(p) > len(w) for w in inside)
+    ]
+
+
+def _select(model: nnx.Module, config: MethodConfig) -> list[tuple[tuple, nnx.Module]]:
+    candidates = _candidates(model)
+    if config.targets == ALL_LINEAR:
+        heads = set(getattr(type(model), "output_head_names", DEFAULT_OUTPUT_HEADS))
+        chosen = [
+            (p, m)
+            for p, m in candidates
+            if isinstance(m.base_layer if isinstance(m, AdapterWrapper) else m, SUPPORTED_LAYERS)
+            and not heads.intersection(str(k) for k in p)
+        ]
+    else:
+        chosen = [(p, m) for p, m in candidates if matches(dotted(p), config.targets)]
+    chosen = [(p, m) for p, m in chosen if not (config.exclude and matches(dotted(p), config.exclude))]
+    if not chosen:
+        paths = [dotted(p) for p, _ in candidates]
+        raise PeftError(
+            f"{config!r} matched no module (targets={config.targets!r}, exclude={config.exclude!r})."
+            + suggest(config.targets, paths)
+        )
+    return chosen
+
+
+def _parent(model: nnx.Module, path: tuple) -> nnx.Module:
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def _assign(parent, key, value) -> None:
+    if isinstance(key, int):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def apply(
+    model: nnx.Module,
+    config: MethodConfig,
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    stack: bool = False,
+) -> nnx.Module:
+    """Apply a PEFT method to ``model`` in place and return ``model``.
+
+    Selects target modules by dotted path (see ``MethodConfig.targets``),
+    wraps each in the method's wrapper, and records the config on the model.
+    Wrapping a module that is already wrapped raises unless ``stack=True``.
+    All checks run and every wrapper is built before the model changes.
+
+    Raises:
+      PeftError: the config matches nothing (the message suggests close names
+        and shows some paths), a target's layer type is not supported, a target
+        is already wrapped, or ``adapter_name`` is taken.
+    """
+    if not isinstance(model, nnx.Module):
+        raise PeftError(f"apply() needs an nnx.Module, got {type(model).__name__}")
+    if not isinstance(config, MethodConfig):
+        raise PeftError(f"apply() needs a method config (e.g. peftjax.LoraConfig), got {type(config).__name__}")
+    taken = [name for name, _ in applied_methods(model)]
+    if adapter_name in taken:
+        raise PeftError(f"adapter name {adapter_name!r} is already used on this model ({taken}); pick another")
+
+    replacements = []
+    if config.target_types:
+        rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+        for path, module in _select(model, config):
+            where = dotted(path)
+            if isinstance(module, AdapterWrapper) and not stack:
+                raise PeftError(
+                    f"{where} is already wrapped by {type(module).__name__} (adapter "
+                    f"{module.adapter_name!r}); pass stack=True to wrap it again"
+                )
+            layer = module.base_layer if isinstance(module, AdapterWrapper) else module
+            if not isinstance(layer, config.target_types):
+                raise PeftError(
+                    f"{where} is a {type(layer).__name__}; {type(config).__name__} wraps "
+                    f"{[t.__name__ for t in config.target_types]}. Narrow targets or add it to exclude."
+                )
+            wrapper = config.wrap(module, adapter_name=adapter_name, rngs=rngs)
+            replacements.append((_parent(model, path), path[-1], module, wrapper))
+
+    done = []
+    try:
+        for parent, key, old, new in replacements:
+            _assign(parent, key, new)
+            done.append((parent, key, old))
+        setattr(model, METHODS_ATTR, (*applied_methods(model), (adapter_name, config)))
+    except Exception:
+        for parent, key, old in reversed(done):
+            _assign(parent, key, old)
+        raise
+    return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Fold every active adapter into its base kernel: zero inference overhead.
+
+    Raises ``PeftError`` before changing anything if an active adapter's method
+    cannot merge (prompt tuning, bottleneck adapters).
+    """
+    wrappers = [(p, w) for p, w in iter_wrappers(model) if w.active and not w.merged]
+    blocked = [f"{p} ({type(w).__name__})" for p, w in wrappers if not w.mergeable()]
+    if blocked:
+        raise PeftError(f"cannot merge: these adapters have no merged form: {blocked}. Disable them first.")
+    for _, wrapper in wrappers:
+        wrapper.merge()
+    return model
+
+
+def unmerge(model: nnx.Module) -> nnx.Module:
+    """Undo :func:`merge`, restoring every base kernel."""
+    for _, wrapper in reversed(list(iter_wrappers(model))):
+        wrapper.unmerge()
+    return model

@@ -1,0 +1,144 @@
+"""Freezing by optax masks: label every parameter, then partition the optimizer.
+
+Labels come from an ordered list of rules, first match wins, and every
+parameter must be covered. A rule is ``(matcher, label)`` where the matcher is
+a regex on the dotted parameter path (full match) or a Variable type. The
+rules in force, in order:
+
+1. the ``rules`` passed by the caller;
+2. each applied method's own rules (``also_train`` patterns, LoRA+'s B label,
+   BitFit's biases, ...), in the order the methods were applied;
+3. ``AdapterParam -> "adapter"``;
+4. ``nnx.Param -> "frozen"`` unless the caller passed ``rules`` (then an
+   uncovered parameter is an error naming it).
+
+Labels other than ``"frozen"`` train. ``make_optimizer`` sends ``"frozen"`` to
+``optax.set_to_zero()`` and every other label to the given transformation
+(optionally with a per-label learning-rate multiplier), through
+``optax.partition``. More groups (a head with its own rate, layer groups for
+discriminative rates) are more labels, not more machinery.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import optax
+from flax import nnx
+
+from peftjax.core.inject import applied_methods
+from peftjax.core.paths import dotted
+from peftjax.errors import PeftError
+from peftjax.methods.base import FROZEN, LabelRule
+from peftjax.variables import AdapterParam
+
+
+def label_rules(model: nnx.Module, rules: Sequence[LabelRule] | None = None) -> list[LabelRule]:
+    """The ordered rules in force for ``model`` (see the module docstring)."""
+    method_rules = [rule for _, config in applied_methods(model) for rule in config.label_rules()]
+    defaults: list[LabelRule] = [(AdapterParam, "adapter")]
+    if rules is None:
+        defaults.append((nnx.Param, FROZEN))
+    return [*(rules or ()), *method_rules, *defaults]
+
+
+def _rule_matches(matcher: str | type, path: str, variable: nnx.Variable) -> bool:
+    if isinstance(matcher, str):
+        return re.fullmatch(matcher, path) is not None
+    if isinstance(matcher, type):
+        return isinstance(variable, matcher)
+    raise PeftError(f"a label rule's matcher must be a path regex or a Variable type, got {matcher!r}")
+
+
+def param_labels(model: nnx.Module, rules: Sequence[LabelRule] | None = None) -> dict[str, str]:
+    """``{dotted parameter path: label}`` for every ``nnx.Param`` in ``model``.
+
+    Raises ``PeftError`` naming the first parameter no rule covers.
+    """
+    in_force = label_rules(model, rules)
+    labels = {}
+    for path, variable in nnx.iter_graph(model):
+        if not isinstance(variable, nnx.Param):
+            continue
+        name = dotted(path)
+        label = next((lbl for m, lbl in in_force if _rule_matches(m, name, variable)), None)
+        if label is None:
+            raise PeftError(
+                f"parameter {name} ({type(variable).__name__}) is covered by no label rule; add a rule "
+                f"such as ({name!r}, 'frozen') or a catch-all (nnx.Param, 'frozen')"
+            )
+        labels[name] = label
+    return labels
+
+
+def _label_tree(labels: Mapping[str, str]):
+    """A function from a parameter tree (all of the model or just the trainable
+    part) to the matching tree of labels, as ``optax.partition`` wants."""
+
+    def label_of(path, _):
+        name = dotted(path)
+        try:
+            return labels[name]
+        except KeyError:
+            raise PeftError(f"no label for parameter {name}: was the model changed after make_optimizer?") from None
+
+    def tree(params):
+        return jax.tree_util.tree_map_with_path(label_of, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    return tree
+
+
+class PeftOptimizer(optax.GradientTransformationExtraArgs):
+    """An ``optax.GradientTransformation`` that also carries its labels, so that
+    ``TrainState.create`` splits the model exactly where the optimizer does."""
+
+    labels: dict[str, str]
+
+    @property
+    def trainable_paths(self) -> frozenset[str]:
+        return frozenset(p for p, label in self.labels.items() if label != FROZEN)
+
+
+def make_optimizer(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    rules: Sequence[LabelRule] | None = None,
+    transforms: Mapping[str, optax.GradientTransformation] | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
+) -> PeftOptimizer:
+    """An optimizer that trains only the labelled-trainable parameters.
+
+    Args:
+      model: the model after ``peftjax.apply``.
+      tx: the transformation for every trainable label without its own.
+      rules: label rules placed before the methods' rules (see module doc).
+      transforms: per-label transformations overriding ``tx``.
+      lr_multipliers: per-label factors on the update (a learning-rate
+        multiplier for SGD, Adam and AdamW alike); merged over the methods'
+        own (LoRA+).
+
+    Frozen parameters get ``optax.set_to_zero()``: no optimizer state at all.
+    """
+    labels = param_labels(model, rules)
+    multipliers = {k: v for _, c in applied_methods(model) for k, v in c.lr_multipliers().items()}
+    multipliers.update(lr_multipliers or {})
+    transforms = dict(transforms or {})
+    unknown = sorted((set(transforms) | set(multipliers)) - set(labels.values()))
+    if unknown:
+        raise PeftError(f"transforms/lr_multipliers name labels no parameter has: {unknown}; labels: {sorted(set(labels.values()))}")
+    per_label = {}
+    for label in sorted(set(labels.values()) | {FROZEN}):
+        if label == FROZEN:
+            per_label[label] = optax.set_to_zero()
+            continue
+        chosen = transforms.get(label, tx)
+        if label in multipliers:
+            chosen = optax.chain(chosen, optax.scale(multipliers[label]))
+        per_label[label] = chosen
+    partition = optax.partition(per_label, _label_tree(labels))
+    optimizer = PeftOptimizer(partition.init, partition.update)
+    optimizer.labels = labels
+    return optimizer

@@ -1,0 +1,188 @@
+"""The extension API: what a PEFT method is, and the registry that finds it.
+
+A method is one file that defines
+
+* a config: a frozen, keyword-only dataclass subclassing ``MethodConfig``,
+  registered with ``@register_method("name")``; it validates itself on
+  construction and round-trips through ``to_dict`` / ``config_from_dict``;
+* for methods that change a layer's computation, a wrapper: an
+  ``AdapterWrapper`` subclass built by the config's ``wrap``; its parameters
+  are ``AdapterParam`` subclasses, so they train and everything else stays
+  frozen without naming anything.
+
+The engine (:func:`peftjax.apply`) selects target modules, checks them against
+``target_types``, builds every wrapper before changing the model, and records
+the config on the model so labels, counting, merging and saving find it.
+``peftjax/methods/lora.py`` is the example to copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from flax import nnx
+
+from peftjax.core.paths import Targets, validate_targets
+from peftjax.errors import PeftError
+
+# Label of parameters that do not train; make_optimizer maps it to optax.set_to_zero().
+FROZEN = "frozen"
+# A label rule: (matcher, label); matcher is a path regex (full match) or a Variable type.
+LabelRule = tuple[str | type, str]
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(name: str):
+    """Class decorator that registers a ``MethodConfig`` under ``name``."""
+
+    def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise PeftError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+            raise PeftError(f"{cls.__qualname__} must be a frozen dataclass to be registered")
+        cls.method = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def registered_methods() -> dict[str, type[MethodConfig]]:
+    """Registered method names and their config classes."""
+    return dict(_REGISTRY)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
+    """Build a method config from ``{"type": name, **fields}`` (YAML/JSON form)."""
+    data = dict(data)
+    name = data.pop("type", None)
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise PeftError(f"unknown method type {name!r}.{hint} Registered methods: {sorted(_REGISTRY)}")
+    cls = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        raise PeftError(f"{cls.__name__} has no field(s) {unknown} (close: {hints}); fields: {sorted(fields)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Fields every method shares.
+
+    Attributes:
+      targets: modules to wrap: a regex matching the whole dotted path, a list
+        of names (a path matches when equal to a name or ending in ``.name``),
+        or ``"all-linear"`` (every linear layer but the output head).
+      exclude: modules never to wrap, same rules as ``targets``.
+      also_train: parameter path regexes that train along with the adapter
+        (a new classification head, say), as HF PEFT's ``modules_to_save``.
+      seed: seeds the adapter's random initialisation.
+    """
+
+    method: ClassVar[str] = ""
+    # Module types the method may wrap; empty for methods that only relabel parameters.
+    target_types: ClassVar[tuple[type, ...]] = ()
+
+    targets: Targets | None = None
+    exclude: tuple[str, ...] = ()
+    also_train: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.target_types and self.targets is None:
+            raise PeftError(f"{type(self).__name__}.targets is required: module names, a regex, or 'all-linear'")
+        try:
+            if self.targets is not None:
+                self._set("targets", validate_targets(self.targets, f"{type(self).__name__}.targets"))
+            self._set("exclude", tuple(self.exclude))
+            self._set("also_train", tuple(self.also_train))
+        except ValueError as err:
+            raise PeftError(str(err)) from None
+
+    def _set(self, name: str, value: Any) -> None:
+        """Normalise a field during validation (the dataclass is frozen)."""
+        object.__setattr__(self, name, value)
+
+    def check(self, condition: bool, field: str, requirement: str) -> None:
+        """Raise a ``PeftError`` naming the field, its value and what it must be."""
+        if not condition:
+            raise PeftError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {requirement}")
+
+    def wrap(self, module: nnx.Module, *, adapter_name: str, rngs: nnx.Rngs) -> AdapterWrapper:
+        """Build the wrapper that replaces ``module`` (methods with target types)."""
+        raise PeftError(f"{type(self).__name__} does not wrap modules")
+
+    def label_rules(self) -> list[LabelRule]:
+        """Rules this method adds in front of the defaults (see peftjax.labels)."""
+        return [(pattern, "trainable") for pattern in self.also_train]
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Per-label learning-rate multipliers this method asks for (LoRA+)."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"type": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+class AdapterWrapper(nnx.Module):
+    """A module that replaces a target and calls it as ``self.base``.
+
+    Subclasses implement ``__call__`` and, when the method can fold into the
+    base kernel, ``_merge`` and ``_unmerge``. ``active`` and ``merged`` are
+    static attributes: changing them retraces a jitted function once.
+    """
+
+    def __init__(self, base: nnx.Module, *, adapter_name: str):
+        self.base = base
+        self.adapter_name = adapter_name
+        self.active = True
+        self.merged = False
+
+    @property
+    def adds_output(self) -> bool:
+        """Whether the adapter's own computation runs in ``__call__``."""
+        return self.active and not self.merged
+
+    @property
+    def base_layer(self) -> nnx.Module:
+        """The original layer under any stack of wrappers."""
+        layer = self.base
+        while isinstance(layer, AdapterWrapper):
+            layer = layer.base
+        return layer
+
+    @classmethod
+    def mergeable(cls) -> bool:
+        return cls._merge is not AdapterWrapper._merge
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._merge()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._unmerge()
+            self.merged = False
+
+    def _merge(self) -> None:
+        raise PeftError(f"{type(self).__name__} cannot be merged into its base layer")
+
+    def _unmerge(self) -> None:
+        raise PeftError(f"{type(self).__name__} cannot be unmerged")

@@ -1,0 +1,1 @@
+"""Training: the jitted step, data, the experiment runner."""
