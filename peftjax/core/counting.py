@@ -45,7 +45,7 @@ def count_params(model: nnx.Module, labels: dict[str, str] | None = None) -> Par
 def _block(path: str) -> str:
     """``bert.encoder.layer.3.attention.self.query.kernel`` -> ``bert.encoder.layer.*``:
     the owning module's path up to its first list index, else its first two parts."""
-    module = path.rsplit(".", 1)[0] if "." in path else path
+    module = ".".join(part for part in path.split(".")[:-1] if part != "base") or path
     match = re.match(r"^(.*?)\.\d+(\.|$)", module)
     return f"{match.group(1)}.*" if match else ".".join(module.split(".")[:2])
 

@@ -104,7 +104,8 @@ class TrainStep:
         step, trainable, opt_state, rest = carry
 
         def loss_of(trainable):
-            model = nnx.merge(static.graphdef, trainable, frozen, rest)
+            # Fresh Variables for this trace: the forward pass may advance RNG counters.
+            model = nnx.merge(static.graphdef, trainable, frozen, jax.tree.map(lambda x: x, rest))
             out = self.loss_fn(model, batch)
             loss, aux = out if isinstance(out, tuple) else (out, {})
             return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
@@ -112,7 +113,7 @@ class TrainStep:
         (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
         updates, opt_state = static.tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return (step + 1, trainable, opt_state, rest), metrics
 
     @staticmethod
