@@ -81,20 +81,24 @@ class ConfigError(PeftError):
 
     def prefixed(self, prefix: str) -> ConfigError:
         """The same error with ``prefix`` (``"data."``, ``"methods.0."``) before its key."""
-        key = f"{prefix}{self.key}" if self.key else prefix.rstrip(".") or None
-        error = type(self).__new__(type(self))
-        ConfigError.__init__(error, self.detail, key)
-        error.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("key", "detail")})
-        return error
+        return ConfigError(self.detail, f"{prefix}{self.key}" if self.key else prefix.rstrip(".") or None)
 
 
 class _UnknownKeyError(ConfigError):
-    """An unknown key; the root adds cross-section suggestions when siblings gave none."""
+    """An unknown key, with a did-you-mean that is prefixed along with the key."""
 
-    def __init__(self, detail: str, key: str | None = None, *, leaf: str = "", has_suggestion: bool = False):
+    def __init__(self, key: str, suggestion: str | None, valid: Sequence[str] = ()) -> None:
+        self.suggestion = suggestion
+        self.valid = tuple(valid)
+        if suggestion:
+            detail = f"unknown key; did you mean {suggestion!r}?"
+        else:
+            detail = f"unknown key; valid keys here: {', '.join(self.valid)}"
         super().__init__(detail, key)
-        self.leaf = leaf
-        self.has_suggestion = has_suggestion
+
+    def prefixed(self, prefix: str) -> ConfigError:
+        suggestion = f"{prefix}{self.suggestion}" if self.suggestion else None
+        return _UnknownKeyError(f"{prefix}{self.key}", suggestion, self.valid)
 
 
 # --------------------------------------------------------------------------
@@ -317,11 +321,7 @@ def _section_from_mapping(cls: type, mapping: Mapping[str, Any]) -> Any:
     for key in mapping:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            if close:
-                detail = f"unknown key; did you mean {close[0]!r}?"
-            else:
-                detail = f"unknown key; {cls.__name__} has {', '.join(names)}"
-            raise _UnknownKeyError(detail, str(key), leaf=str(key), has_suggestion=bool(close))
+            raise _UnknownKeyError(str(key), close[0] if close else None, names)
     missing = [
         field.name
         for field in dataclasses.fields(cls)
@@ -395,18 +395,15 @@ def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _suggest_across_sections(cls: type, error: _UnknownKeyError) -> ConfigError:
     """Adds a did-you-mean from other sections (``train.learning_rate`` -> ``optim.learning_rate``)."""
-    if error.has_suggestion or not error.key:
+    if error.suggestion or not error.key:
         return error
     full_keys = _dotted_keys(cls)
-    leaves = {key.rsplit(".", 1)[-1]: key for key in full_keys}
-    close = difflib.get_close_matches(error.leaf, list(leaves), n=1, cutoff=0.75)
-    candidates = difflib.get_close_matches(error.key, full_keys, n=1, cutoff=0.75)
-    suggestion = candidates[0] if candidates else (leaves[close[0]] if close else None)
-    if suggestion is None:
-        return error
-    return _UnknownKeyError(
-        f"unknown key; did you mean {suggestion!r}?", error.key, leaf=error.leaf, has_suggestion=True
-    )
+    leaf = error.key.rsplit(".", 1)[-1]
+    by_leaf = {key.rsplit(".", 1)[-1]: key for key in full_keys}
+    close_keys = difflib.get_close_matches(error.key, full_keys, n=1, cutoff=0.75)
+    close_leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    suggestion = close_keys[0] if close_keys else (by_leaf[close_leaves[0]] if close_leaves else None)
+    return _UnknownKeyError(error.key, suggestion, error.valid) if suggestion else error
 
 
 # --------------------------------------------------------------------------
@@ -532,6 +529,7 @@ class DataConfig(_Section):
         for scheme in ("hub:", "shared:", "synthetic:"):
             if self.source.startswith(scheme):
                 _require(len(self.source) > len(scheme), "source", f"{scheme!r} needs a name after it")
+        _require(self.row_seed >= 0, "row_seed", "must not be negative (numpy seeds are non-negative)")
         _require(self.max_length >= 2, "max_length", f"must be at least 2, got {self.max_length}")
         if self.task != "image_classification":
             _require(
@@ -679,6 +677,18 @@ class TrainLoopConfig(_Section):
         for key in ("eval_every", "checkpoint_every", "log_every"):
             _require(getattr(self, key) >= 0, key, "must not be negative (0 means only at the end)")
         _require(self.keep >= 1, "keep", "must keep at least 1 checkpoint")
+        _require(self.seed >= 0, "seed", "must not be negative (numpy and jax seeds are non-negative)")
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block style for sections, flow style for short lists of scalars (``[query, value]``)."""
+
+    def represent_list(self, data: list[Any]) -> yaml.Node:
+        scalars = all(not isinstance(item, (list, dict)) for item in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=scalars)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
 
 
 def _validate_method_spec(spec: FrozenDict) -> None:
@@ -691,14 +701,14 @@ def _validate_method_spec(spec: FrozenDict) -> None:
 class ExperimentConfig(_Section):
     """One training run. ``output_dir`` null means ``runs/<name>``."""
 
-    model: ModelSpec
-    data: DataConfig
-    train: TrainLoopConfig
-    methods: tuple[FrozenDict, ...] = ()
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     name: str = "experiment"
     output_dir: str | None = None
+    model: ModelSpec
+    methods: tuple[FrozenDict, ...] = ()
+    data: DataConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -721,7 +731,7 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         """The resolved config as YAML; ``load_config`` reads it back to an equal config."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False)
 
     def to_json(self, indent: int | None = 2) -> str:
         """The resolved config as JSON (what the trainer writes into result.json)."""

@@ -77,6 +77,7 @@ __all__ = [
     "require_shared_data",
     "select_rows",
     "shared_data_dir",
+    "split_sizes",
     "sst2_path",
     "synthetic_sentiment",
 ]
@@ -989,6 +990,18 @@ def _read_table(config: DataConfig, split: str) -> _Table | None:
     if kind == "hub":
         return _read_hub_table(config, location, split_name)
     return _read_local_table(config, _local_split_path(config, split))
+
+
+def split_sizes(config: DataConfig) -> dict[str, int]:
+    """Rows in each configured split before ``max_*_rows``, read without tokenising (fast)."""
+    if config.task == "image_classification":
+        raise DataError("split_sizes counts rows of text tables; load image folders with load_data")
+    sizes = {}
+    for split in _SPLITS:
+        table = _read_table(config, split)
+        if table is not None:
+            sizes[split] = table.num_rows
+    return sizes
 
 
 # --------------------------------------------------------------------------
