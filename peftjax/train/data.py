@@ -823,7 +823,8 @@ def synthetic_sentiment(split: str, num_rows: int | None = None) -> tuple[list[s
     count = _SYNTHETIC_SIZES[split] if num_rows is None else num_rows
     texts, labels = [], []
     while len(texts) < count:
-        words = list(rng.choice(_NEUTRAL, size=int(rng.integers(2, 24))))
+        # Units keep "not" next to its word when later phrases are inserted.
+        units = [[str(word)] for word in rng.choice(_NEUTRAL, size=int(rng.integers(2, 24)))]
         score = 0
         for _ in range(int(rng.integers(1, 5))):
             positive = bool(rng.integers(2))
@@ -832,11 +833,10 @@ def synthetic_sentiment(split: str, num_rows: int | None = None) -> tuple[list[s
                 phrase.insert(0, _NEGATION)
                 positive = not positive
             score += 1 if positive else -1
-            position = int(rng.integers(len(words) + 1))
-            words[position:position] = phrase
+            units.insert(int(rng.integers(len(units) + 1)), phrase)
         if score == 0:
             continue
-        texts.append(" ".join(str(word) for word in words))
+        texts.append(" ".join(itertools.chain.from_iterable(units)))
         labels.append(int(score > 0))
     return texts, labels
 
