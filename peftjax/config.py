@@ -402,7 +402,10 @@ def _suggest_across_sections(cls: type, error: _UnknownKeyError) -> ConfigError:
     by_leaf = {key.rsplit(".", 1)[-1]: key for key in full_keys}
     close_keys = difflib.get_close_matches(error.key, full_keys, n=1, cutoff=0.75)
     close_leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    # A shortened name ("warmup") matches the first field it begins ("schedule.warmup_steps").
+    extensions = [key for key in full_keys if len(leaf) >= 4 and key.rsplit(".", 1)[-1].startswith(leaf)]
     suggestion = close_keys[0] if close_keys else (by_leaf[close_leaves[0]] if close_leaves else None)
+    suggestion = suggestion or (extensions[0] if extensions else None)
     return _UnknownKeyError(error.key, suggestion, error.valid) if suggestion else error
 
 
