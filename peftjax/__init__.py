@@ -1,7 +1,17 @@
 """peftjax: parameter-efficient fine-tuning for Flax NNX."""
 
 from peftjax.core.counting import ParamCount, count_params, summary
-from peftjax.core.inject import apply, applied_methods, iter_wrappers, merge, unmerge
+from peftjax.core.adapter_io import load_adapter, save_adapter
+from peftjax.core.inject import (
+    applied_methods,
+    apply,
+    delete_adapter,
+    disable_adapters,
+    iter_wrappers,
+    merge,
+    set_active_adapters,
+    unmerge,
+)
 from peftjax.core.labels import PeftOptimizer, make_optimizer, param_labels
 from peftjax.errors import PeftError
 from peftjax.methods import registered_methods
@@ -24,6 +34,11 @@ __all__ = [
     "apply",
     "config_from_dict",
     "count_params",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "save_adapter",
+    "set_active_adapters",
     "iter_wrappers",
     "make_optimizer",
     "make_train_step",

@@ -161,3 +161,50 @@ def unmerge(model: nnx.Module) -> nnx.Module:
     for _, wrapper in reversed(list(iter_wrappers(model))):
         wrapper.unmerge()
     return model
+
+
+def _adapter_names(model: nnx.Module) -> list[str]:
+    return [name for name, _ in applied_methods(model)]
+
+
+def _check_names(model: nnx.Module, names) -> None:
+    unknown = sorted(set(names) - set(_adapter_names(model)))
+    if unknown:
+        raise PeftError(f"no adapter named {unknown} on this model; adapters: {_adapter_names(model)}")
+
+
+def set_active_adapters(model: nnx.Module, names: str | list[str]) -> nnx.Module:
+    """Make exactly the adapters in ``names`` compute; the others pass through.
+
+    Inactive adapters' parameters are labelled frozen, so they do not train.
+    A merged adapter cannot be switched off: unmerge first.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    wrappers = [w for _, w in iter_wrappers(model)]
+    merged = sorted({w.adapter_name for w in wrappers if w.merged and w.adapter_name not in names})
+    if merged:
+        raise PeftError(f"adapters {merged} are merged into the base kernels; call peftjax.unmerge(model) first")
+    for wrapper in wrappers:
+        wrapper.active = wrapper.adapter_name in names
+    return model
+
+
+def disable_adapters(model: nnx.Module) -> nnx.Module:
+    """Base-model forward: every adapter passes through (undo with set_active_adapters)."""
+    return set_active_adapters(model, [])
+
+
+def delete_adapter(model: nnx.Module, name: str) -> nnx.Module:
+    """Remove adapter ``name``: each of its wrappers is replaced by what it wrapped."""
+    _check_names(model, [name])
+    doomed = [(p, w) for p, w in iter_wrappers(model) if w.adapter_name == name]
+    merged = [p for p, w in doomed if w.merged]
+    if merged:
+        raise PeftError(f"adapter {name!r} is merged at {merged[:3]}; call peftjax.unmerge(model) first")
+    paths = {dotted(p): p for p, m in nnx.iter_modules(model) if isinstance(m, AdapterWrapper)}
+    for where, wrapper in doomed:
+        path = paths[where]
+        _assign(_parent(model, path), path[-1], wrapper.base)
+    setattr(model, METHODS_ATTR, tuple((n, c) for n, c in applied_methods(model) if n != name))
+    return model

@@ -28,7 +28,7 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.core.inject import applied_methods
+from peftjax.core.inject import applied_methods, iter_wrappers
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
 from peftjax.methods.base import FROZEN, LabelRule
@@ -37,7 +37,7 @@ from peftjax.variables import AdapterParam
 
 def label_rules(model: nnx.Module, rules: Sequence[LabelRule] | None = None) -> list[LabelRule]:
     """The ordered rules in force for ``model`` (see the module docstring)."""
-    method_rules = [rule for _, config in applied_methods(model) for rule in config.label_rules()]
+    method_rules = [rule for _, config in applied_methods(model) for rule in config.label_rules(model)]
     defaults: list[LabelRule] = [(AdapterParam, "adapter")]
     if rules is None:
         defaults.append((nnx.Param, FROZEN))
@@ -58,11 +58,16 @@ def param_labels(model: nnx.Module, rules: Sequence[LabelRule] | None = None) ->
     Raises ``PeftError`` naming the first parameter no rule covers.
     """
     in_force = label_rules(model, rules)
+    # An inactive adapter's own parameters do not train, whatever the rules say.
+    inactive = [p + "." for p, w in iter_wrappers(model) if not w.active]
     labels = {}
     for path, variable in nnx.iter_graph(model):
         if not isinstance(variable, nnx.Param):
             continue
         name = dotted(path)
+        if any(name.startswith(p) and not name.startswith(p + "base.") for p in inactive):
+            labels[name] = FROZEN
+            continue
         label = next((lbl for m, lbl in in_force if _rule_matches(m, name, variable)), None)
         if label is None:
             raise PeftError(

@@ -121,8 +121,9 @@ class MethodConfig:
         """Build the wrapper that replaces ``module`` (methods with target types)."""
         raise PeftError(f"{type(self).__name__} does not wrap modules")
 
-    def label_rules(self) -> list[LabelRule]:
-        """Rules this method adds in front of the defaults (see peftjax.labels)."""
+    def label_rules(self, model: nnx.Module) -> list[LabelRule]:
+        """Rules this method adds in front of the defaults (see peftjax.core.labels);
+        ``model`` lets a method select by module type (LN tuning) or head names."""
         return [(pattern, "trainable") for pattern in self.also_train]
 
     def lr_multipliers(self) -> dict[str, float]:

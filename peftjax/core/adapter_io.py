@@ -1,0 +1,118 @@
+"""Adapter files: the trainable state alone, loadable onto a fresh base model.
+
+A saved adapter is a folder holding ``adapter_config.json`` (the applied
+methods, in order, with their adapter names) and ``adapter_model.safetensors``
+(every parameter the default labels train, by dotted path). Base weights are
+never written: a LoRA adapter of bert-base is a few hundred kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from peftjax.core.inject import applied_methods, apply
+from peftjax.core.labels import param_labels
+from peftjax.core.paths import dotted
+from peftjax.errors import PeftError
+from peftjax.methods.base import FROZEN, config_from_dict
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _trainable_variables(model: nnx.Module) -> dict[str, nnx.Param]:
+    labels = param_labels(model)
+    return {
+        dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and labels[dotted(p)] != FROZEN
+    }
+
+
+def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    """``{dotted path: array}`` of every parameter the default labels train."""
+    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in _trainable_variables(model).items()}
+
+
+def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters to the folder ``path`` atomically: the folder
+    appears complete or not at all (written beside it, then renamed)."""
+    methods = applied_methods(model)
+    if not methods:
+        raise PeftError("the model has no adapters to save: apply a method first (peftjax.apply)")
+    path = Path(path)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "methods": [{"adapter_name": name, **config.to_dict()} for name, config in methods],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(adapter_state(model), str(staging / WEIGHTS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _read(path: Path):
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise PeftError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
+    try:
+        config = json.loads(config_file.read_text())
+        methods = []
+        for entry in config["methods"]:
+            entry = dict(entry)
+            methods.append((entry.pop("adapter_name"), config_from_dict(entry)))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise PeftError(f"{config_file} is not a peftjax adapter config: {err}") from None
+    try:
+        arrays = load_file(str(weights_file))
+    except (SafetensorError, OSError) as err:
+        raise PeftError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
+    return methods, arrays
+
+
+def _attach(model: nnx.Module, methods) -> nnx.Module:
+    for name, config in methods:
+        apply(model, config, adapter_name=name, stack=True)
+    return model
+
+
+def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
+    """Apply the saved methods to ``model`` (a freshly loaded base) and fill in
+    the saved parameters. Everything is checked on an abstract copy first, so
+    a mismatched file raises and leaves ``model`` as it was."""
+    methods, arrays = _read(Path(path))
+    abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
+    expected = {k: tuple(v.get_value().shape) for k, v in _trainable_variables(abstract).items()}
+    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
+             if tuple(arrays[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise PeftError(
+            f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
+        )
+    _attach(model, methods)
+    for p, variable in nnx.iter_graph(model):
+        name = dotted(p)
+        if name in arrays:
+            variable[...] = jax.numpy.asarray(arrays[name], dtype=variable.dtype)
+    return model
+

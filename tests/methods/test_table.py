@@ -1,0 +1,194 @@
+"""The shared method table: every method and main variant through the same checks.
+
+Adding a method adds rows to ``ROWS``, not tests. Each row names a model
+(``MODELS``), the method config(s) to apply, the trainable count its formula
+predicts, and whether the method starts at the identity and can merge.
+The checks: identity at init, merged equals unmerged with non-zero adapter
+weights, save/load round trip, gradients and updates on trainable state only,
+the count formula, jit and eager agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import peftjax
+from peftjax import LoraConfig
+from peftjax.models import from_config
+
+TOLERANCE = 1e-5  # fp32 throughout
+
+
+def _toy():
+    from conftest import ToyStack
+
+    model = ToyStack(rngs=nnx.Rngs(0))
+    return model, (jax.random.normal(jax.random.key(1), (2, 4, 16)),)
+
+
+def _text(preset: str, **kwargs):
+    model = from_config(preset, seed=0, **kwargs)
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 1000)
+    mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    return model, (ids, mask)
+
+
+def _vit():
+    model = from_config("vit-tiny", num_labels=3, seed=0)
+    return model, (jax.random.normal(jax.random.key(1), (2, 3, 32, 32)),)
+
+
+# name -> () -> (model, forward inputs)
+MODELS: dict[str, Callable] = {
+    "toy": _toy,
+    "bert-tiny": lambda: _text("bert-tiny", num_labels=2),
+    "roberta-tiny": lambda: _text("roberta-tiny", num_labels=2),
+    "llama-tiny": lambda: _text("llama-tiny"),
+    "llama-tiny-cls": lambda: _text("llama-tiny", num_labels=2),
+    "vit-tiny": _vit,
+}
+
+
+def forward(model, inputs):
+    out = model(*inputs)
+    return out if isinstance(out, jax.Array) else out.logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    id: str
+    model: str
+    configs: tuple[tuple[str, peftjax.MethodConfig], ...]  # (adapter name, config), applied in order
+    trainable: Callable[[nnx.Module], int]  # the count formula, given the base model
+    identity_at_init: bool = True
+    mergeable: bool = False
+
+    @classmethod
+    def of(cls, id, model, config, trainable, **kw):
+        configs = config if isinstance(config, tuple) else (("default", config),)
+        return cls(id, model, configs, trainable, **kw)
+
+
+def lora_count(rank, *pairs):
+    """LoRA adds r * (fan_in + fan_out) per adapted kernel."""
+    return rank * sum(n * (d_in + d_out) for n, d_in, d_out in pairs)
+
+
+def bert(model):
+    return model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size
+
+
+ROWS = [
+    Row.of("lora-toy", "toy", LoraConfig(rank=4, targets=["query", "value"]),
+           lambda m: lora_count(4, (4, 16, 16)), mergeable=True),
+    Row.of("lora-toy-all-linear-rslora", "toy", LoraConfig(rank=2, alpha=4, targets="all-linear", rslora=True),
+           lambda m: lora_count(2, (8, 16, 16), (2, 16, 32), (2, 32, 16)), mergeable=True),
+    Row.of("lora-bert-qv", "bert-tiny", LoraConfig(rank=4, targets=["query", "value"]),
+           lambda m: lora_count(4, (2 * bert(m)[0], bert(m)[1], bert(m)[1])), mergeable=True),
+    Row.of("lora-bert-head", "bert-tiny",
+           LoraConfig(rank=2, targets=["query"], also_train=(r"classifier\..*",)),
+           lambda m: lora_count(2, (bert(m)[0], bert(m)[1], bert(m)[1])) + bert(m)[1] * 2 + 2, mergeable=True),
+    Row.of("lora-llama-all-linear", "llama-tiny", LoraConfig(rank=2, targets="all-linear", dropout=0.1),
+           lambda m: sum(
+               2 * (k.shape[0] + k.shape[1])
+               for p, k in nnx.iter_graph(m) if isinstance(k, nnx.Param) and p[-1] == "kernel" and "lm_head" not in p
+           ), mergeable=True),
+    Row.of("lora-vit", "vit-tiny", LoraConfig(rank=2, targets=["query", "value"]),
+           lambda m: lora_count(2, (4, 32, 32)), mergeable=True),
+]
+
+
+@pytest.fixture(params=ROWS, ids=lambda r: r.id)
+def row(request):
+    return request.param
+
+
+def build(row: Row):
+    """The base model, its output, and the model with the row's methods applied (eval mode)."""
+    model, inputs = MODELS[row.model]()
+    model.eval()
+    base_out = forward(model, inputs)
+    base_count = row.trainable(model)
+    for name, config in row.configs:
+        peftjax.apply(model, config, adapter_name=name)
+    model.eval()
+    return model, inputs, base_out, base_count
+
+
+def perturb_adapters(model, seed=0):
+    """Non-zero adapter weights, so merge and save/load cannot pass trivially."""
+    variables = [v for p, v in nnx.iter_graph(model) if isinstance(v, peftjax.AdapterParam)]
+    for i, variable in enumerate(variables):
+        noise = 0.05 * jax.random.normal(jax.random.key(seed + i), variable.shape, jnp.float32)
+        variable[...] = variable[...] + noise.astype(variable.dtype)
+
+
+def test_count_formula(row):
+    model, _, _, expected = build(row)
+    assert peftjax.count_params(model).trainable == expected
+
+
+def test_identity_at_init(row):
+    model, inputs, base_out, _ = build(row)
+    if not row.identity_at_init:
+        pytest.skip(f"{row.id}: the method does not start at the identity (by design)")
+    np.testing.assert_allclose(forward(model, inputs), base_out, atol=TOLERANCE, rtol=0)
+
+
+def test_merged_equals_unmerged(row):
+    model, inputs, _, _ = build(row)
+    perturb_adapters(model)
+    unmerged = forward(model, inputs)
+    if not row.mergeable:
+        with pytest.raises(peftjax.PeftError, match="no merged form"):
+            peftjax.merge(model)
+        return
+    peftjax.merge(model)
+    np.testing.assert_allclose(forward(model, inputs), unmerged, atol=TOLERANCE, rtol=0)
+    peftjax.unmerge(model)
+    np.testing.assert_allclose(forward(model, inputs), unmerged, atol=TOLERANCE, rtol=0)
+
+
+def test_save_load_round_trip(row, tmp_path):
+    model, inputs, _, _ = build(row)
+    perturb_adapters(model)
+    expected = forward(model, inputs)
+    peftjax.save_adapter(model, tmp_path / "adapter")
+    fresh, _ = MODELS[row.model]()
+    peftjax.load_adapter(fresh, tmp_path / "adapter")
+    fresh.eval()
+    np.testing.assert_allclose(forward(fresh, inputs), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_updates_only_trainable_state(row):
+    model, inputs, base_out, _ = build(row)
+    target = jax.random.normal(jax.random.key(9), base_out.shape)
+    state = peftjax.TrainState.create(model, peftjax.make_optimizer(model, optax.adam(1e-2)))
+    frozen_before = jax.tree.map(jnp.copy, state.frozen)
+    trainable_before = jax.tree.map(jnp.copy, state.trainable)
+    step = peftjax.make_train_step(lambda m, b: jnp.mean((forward(m, b[0]) - b[1]) ** 2))
+    for _ in range(2):
+        state, metrics = step(state, (inputs, target))
+    assert jnp.isfinite(metrics["loss"])
+    unchanged = jax.tree.map(lambda a, b: bool((a == b).all()), state.frozen, frozen_before)
+    assert all(jax.tree.leaves(unchanged)), "frozen parameters are bitwise unchanged"
+    moved = jax.tree.map(lambda a, b: bool((a != b).any()), state.trainable, trainable_before)
+    assert all(jax.tree.leaves(moved)), "every trainable array moved within two steps"
+    trainable_sizes = sum(a.size for a in jax.tree.leaves(state.trainable))
+    assert trainable_sizes == peftjax.count_params(model).trainable
+
+
+def test_jit_matches_eager(row):
+    model, inputs, _, _ = build(row)
+    perturb_adapters(model)
+    eager = forward(model, inputs)
+    jitted = nnx.jit(forward)(model, inputs)
+    np.testing.assert_allclose(jitted, eager, atol=TOLERANCE, rtol=0)
