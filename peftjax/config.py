@@ -816,9 +816,31 @@ def _apply_overrides_to_tree(tree: dict[str, Any], overrides: Iterable[str]) -> 
     return tree
 
 
+def _unresolve_derived_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Turns defaults derived from other fields back into null, so they follow overrides.
+
+    ``output_dir`` defaults to ``runs/<name>`` and ``train.eval_batch_size`` to
+    ``train.batch_size``; a resolved config holds the derived values. Without
+    this, a sweep overriding ``name`` would write every run into one folder.
+    A value that was set explicitly but equals the derived one follows too,
+    which changes nothing until the field it equals changes.
+    """
+    if tree.get("output_dir") == f"runs/{tree.get('name')}":
+        tree["output_dir"] = None
+    train = tree.get("train")
+    if isinstance(train, dict) and train.get("eval_batch_size") == train.get("batch_size"):
+        train["eval_batch_size"] = None
+    return tree
+
+
 def apply_overrides(config: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
-    """A copy of ``config`` with dotted overrides applied and validated (for sweeps)."""
-    return ExperimentConfig.from_dict(_apply_overrides_to_tree(config.to_dict(), overrides))
+    """A copy of ``config`` with dotted overrides applied and validated (for sweeps).
+
+    Derived defaults (``output_dir``, ``train.eval_batch_size``) are derived
+    again, so ``name=rank4`` also moves the output to ``runs/rank4``.
+    """
+    tree = _unresolve_derived_defaults(config.to_dict())
+    return ExperimentConfig.from_dict(_apply_overrides_to_tree(tree, overrides))
 
 
 def _read_tree(path: pathlib.Path) -> dict[str, Any]:

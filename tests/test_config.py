@@ -121,6 +121,15 @@ def test_overrides_parse_yaml_scalars_and_index_methods(tmp_path):
     assert apply_overrides(config, ["train.seed=7"]).train.seed == 7
 
 
+def test_applied_overrides_derive_dependent_defaults_again(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    swept = apply_overrides(config, ["name=rank4", "train.batch_size=64"])
+    assert swept.output_dir == "runs/rank4" and swept.train.eval_batch_size == 64
+    pinned = load_config(write(tmp_path, MINIMAL), ["output_dir=out/x", "train.eval_batch_size=5"])
+    kept = apply_overrides(pinned, ["name=other", "train.batch_size=64"])
+    assert kept.output_dir == "out/x" and kept.train.eval_batch_size == 5
+
+
 def test_bad_overrides_are_explained(tmp_path):
     assert "must look like key.sub=value" in error_of(tmp_path, overrides=["train.batch_size"])
     message = error_of(tmp_path, overrides=["methods.3.rank=4"])

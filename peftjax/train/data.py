@@ -198,6 +198,12 @@ def _local_split_path(config: DataConfig, split: str) -> pathlib.Path | None:
     folder = pathlib.Path(_source_kind(config.source)[1])
     path = pathlib.Path(name).expanduser()
     if not path.is_absolute():
+        if folder.is_file():
+            raise DataError(
+                f"data.source={config.source!r} is a file; data.source names the folder and "
+                f"data.{split}_split the file in it (data.source: {folder.parent}, "
+                f"data.{split}_split: {folder.name})"
+            )
         if not folder.is_dir():
             raise _missing_file_error(folder, f"data folder (data.source={config.source!r})")
         path = folder / path
@@ -231,7 +237,8 @@ def check_data_files(config: DataConfig) -> None:
         try:
             _local_split_path(config, split)
         except DataError as error:
-            key = "data.source" if "data folder" in str(error) else f"data.{split}_split"
+            message = str(error)
+            key = "data.source" if "data folder" in message or "is a file" in message else f"data.{split}_split"
             raise ConfigError(str(error), key) from None
 
 

@@ -299,6 +299,9 @@ def test_a_missing_file_names_its_path(tmp_path):
     missing_folder = DataConfig(source=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"data\.source: data folder .*nowhere"):
         data_lib.check_data_files(missing_folder)
+    a_file = DataConfig(source=str(tmp_path / "train.tsv"))
+    with pytest.raises(ConfigError, match=r"data\.source: .* is a file; .*data\.train_split: train\.tsv"):
+        data_lib.check_data_files(a_file)
     no_extension = DataConfig(source=str(tmp_path), eval_split="dev")
     with pytest.raises(DataFileNotFoundError, match=r"tried dev\.tsv, dev\.csv"):
         data_lib.load_data(no_extension, WordTokenizer(WORDS))
