@@ -40,6 +40,7 @@ saves ``iterator.state`` in checkpoints and resumes with ``loader.iterate(state)
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -891,23 +892,18 @@ class _Table:
         return self.read(name, rows)
 
 
-def _quiet_datasets():
-    """Context manager that silences datasets' progress bars (restoring their setting)."""
-    import contextlib
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """The ``datasets`` module with its progress bars off (their setting restored after)."""
+    import datasets  # lazy: importing datasets takes a second
 
-    import datasets
-
-    @contextlib.contextmanager
-    def quiet():
-        enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            yield datasets
-        finally:
-            if enabled:
-                datasets.enable_progress_bars()
-
-    return quiet()
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _arrow_table(dataset: Any, where: str) -> _Table:
