@@ -92,6 +92,9 @@ class TrainState:
 class TrainStep:
     """``step(state, batch) -> (state, metrics)``, compiled once per model graph.
 
+    The state passed in is consumed (its trainable and optimizer buffers are
+    donated): keep using the returned one.
+
     ``step.lower(state, batch)`` lowers the same computation, e.g. for XLA's
     cost analysis: ``step.lower(state, batch).compile().cost_analysis()``.
     """
