@@ -420,9 +420,13 @@ def from_pretrained(
             f"missing [{_summarise(missing)}], unexpected [{_summarise(unexpected)}]."
         )
 
-    # Everything not read from the checkpoint (new heads, RNG state) is
-    # initialised by the real constructor under jit; XLA drops the rest.
-    fresh_paths = [p for p, _ in flat_abstract if p not in plan]
+    # Parameters the checkpoint lacks (a new head) are initialised by the
+    # real constructor under jit, where XLA prunes everything not returned;
+    # dropout RNG streams are seeded directly, which needs no trace at all.
+    fresh_paths = [
+        p for p, v in flat_abstract
+        if p not in plan and not isinstance(v, (nnx.RngKey, nnx.RngCount))
+    ]
 
     @jax.jit
     def initialise_fresh() -> list[jax.Array]:
@@ -430,12 +434,17 @@ def from_pretrained(
         return [fresh_state[p].get_value() for p in fresh_paths]
 
     fresh = dict(zip(fresh_paths, initialise_fresh())) if fresh_paths else {}
+    base_key = jax.random.key(seed)
     leaves = []
-    for leaf_path, variable in flat_abstract:
+    for index, (leaf_path, variable) in enumerate(flat_abstract):
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
             array = _to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
             value = jnp.asarray(np.ascontiguousarray(array), dtype=variable.dtype)
+        elif isinstance(variable, nnx.RngKey):
+            value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
+        elif isinstance(variable, nnx.RngCount):
+            value = jnp.zeros(variable.shape, variable.dtype)
         else:
             value = fresh[leaf_path]
         leaves.append((leaf_path, variable.replace(value)))
