@@ -14,6 +14,7 @@ from peftjax.core.kernels import SUPPORTED_LAYERS
 from peftjax.core.paths import ALL_LINEAR, dotted, matches, suggest
 from peftjax.errors import PeftError
 from peftjax.methods.base import AdapterWrapper, MethodConfig
+from peftjax.points import InsertionPoint
 
 # The attribute on the model's root module where applied methods are recorded,
 # as a tuple of (adapter name, config) pairs: static, so it lives in the graphdef.
@@ -46,14 +47,26 @@ def _candidates(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     ]
 
 
+def _layer(module: nnx.Module) -> nnx.Module:
+    return module.base_layer if isinstance(module, AdapterWrapper) else module
+
+
 def _select(model: nnx.Module, config: MethodConfig) -> list[tuple[tuple, nnx.Module]]:
     candidates = _candidates(model)
+    if config.target_types and not any(isinstance(_layer(m), config.target_types) for _, m in candidates):
+        names = [t.__name__ for t in config.target_types]
+        kind = "insertion points" if all(issubclass(t, InsertionPoint) for t in config.target_types) else "modules"
+        raise PeftError(
+            f"{config.method} on a model without {' or '.join(names)} {kind}: {type(config).__name__} wraps only "
+            f"those, and {type(model).__name__} has none"
+            + (" (the models in peftjax.models place them in every layer; see peftjax.points)" if kind != "modules" else "")
+        )
     if config.targets == ALL_LINEAR:
         heads = set(getattr(type(model), "output_head_names", DEFAULT_OUTPUT_HEADS))
         chosen = [
             (p, m)
             for p, m in candidates
-            if isinstance(m.base_layer if isinstance(m, AdapterWrapper) else m, SUPPORTED_LAYERS)
+            if isinstance(_layer(m), SUPPORTED_LAYERS)
             and not heads.intersection(str(k) for k in p)
         ]
     else:
@@ -112,7 +125,8 @@ def apply(
     replacements = []
     if config.target_types:
         rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-        for path, module in _select(model, config):
+        selected = _select(model, config)
+        for path, module in selected:
             where = dotted(path)
             if isinstance(module, AdapterWrapper) and not stack:
                 raise PeftError(
@@ -125,7 +139,10 @@ def apply(
                     f"{where} is a {type(layer).__name__}; {type(config).__name__} wraps "
                     f"{[t.__name__ for t in config.target_types]}. Narrow targets or add it to exclude."
                 )
-            wrapper = config.wrap(module, adapter_name=adapter_name, rngs=rngs)
+        wrappers = config.wrap_all([m for _, m in selected], model=model, adapter_name=adapter_name, rngs=rngs)
+        if len(wrappers) != len(selected):
+            raise PeftError(f"{type(config).__name__}.wrap_all built {len(wrappers)} wrappers for {len(selected)} modules")
+        for (path, module), wrapper in zip(selected, wrappers):
             replacements.append((_parent(model, path), path[-1], module, wrapper))
 
     done = []

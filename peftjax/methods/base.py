@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from flax import nnx
@@ -120,6 +120,19 @@ class MethodConfig:
     def wrap(self, module: nnx.Module, *, adapter_name: str, rngs: nnx.Rngs) -> AdapterWrapper:
         """Build the wrapper that replaces ``module`` (methods with target types)."""
         raise PeftError(f"{type(self).__name__} does not wrap modules")
+
+    def wrap_all(
+        self, modules: Sequence[nnx.Module], *, model: nnx.Module, adapter_name: str, rngs: nnx.Rngs
+    ) -> list[AdapterWrapper]:
+        """Build the wrappers of every selected module, in order: what the engine calls.
+
+        The default wraps each module with ``wrap``. Override this instead when
+        building a wrapper needs the whole model (sizes from ``model.config``,
+        prompt tuning's start from the token embeddings) or state that all of
+        one adapter's wrappers share (prefix tuning's reparameterisation).
+        As for ``wrap``, ``model`` must not be changed.
+        """
+        return [self.wrap(module, adapter_name=adapter_name, rngs=rngs) for module in modules]
 
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
         """Rules this method adds in front of the defaults (see peftjax.core.labels);
