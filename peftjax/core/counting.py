@@ -27,8 +27,23 @@ class ParamCount(NamedTuple):
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
+# A module that stores parameters in another form (QLoRA's 4-bit kernels) names
+# them in a ``logical_params`` attribute, ``{name: number of scalars}``: they count
+# as the parameters they stand for, under ``<module path>.<name>``, and never train.
+LOGICAL_PARAMS_ATTR = "logical_params"
+
+
 def _param_sizes(model: nnx.Module) -> dict[str, int]:
     return {dotted(p): v.size for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+
+
+def _logical_sizes(model: nnx.Module) -> dict[str, int]:
+    """Frozen parameters stored in another form, by the dotted path they stand for."""
+    return {
+        dotted((*path, name)): size
+        for path, module in nnx.iter_modules(model)
+        for name, size in getattr(module, LOGICAL_PARAMS_ATTR, {}).items()
+    }
 
 
 def count_params(model: nnx.Module, labels: dict[str, str] | None = None) -> ParamCount:
@@ -39,7 +54,8 @@ def count_params(model: nnx.Module, labels: dict[str, str] | None = None) -> Par
     """
     labels = param_labels(model) if labels is None else labels
     sizes = _param_sizes(model)
-    return ParamCount(sum(n for p, n in sizes.items() if labels[p] != FROZEN), sum(sizes.values()))
+    total = sum(sizes.values()) + sum(_logical_sizes(model).values())
+    return ParamCount(sum(n for p, n in sizes.items() if labels[p] != FROZEN), total)
 
 
 def _block(path: str) -> str:
@@ -60,6 +76,8 @@ def summary(model: nnx.Module, labels: dict[str, str] | None = None) -> str:
         row = by_block[_block(path)]
         row[0] += n if labels[path] != FROZEN else 0
         row[1] += n
+    for path, n in _logical_sizes(model).items():
+        by_block[_block(path)][1] += n
     by_adapter: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for path, wrapper in iter_wrappers(model):
         key = f"{wrapper.adapter_name} ({type(wrapper).__name__})"
