@@ -93,27 +93,61 @@ class TrainStep:
     """``step(state, batch) -> (state, metrics)``, compiled once per model graph.
 
     The state passed in is consumed (its trainable and optimizer buffers are
-    donated): keep using the returned one.
+    donated): keep using the returned one. ``step.lower(state, batch)`` lowers
+    the same computation, e.g. for XLA's cost analysis:
+    ``step.lower(state, batch).compile().cost_analysis()``.
 
-    ``step.lower(state, batch)`` lowers the same computation, e.g. for XLA's
-    cost analysis: ``step.lower(state, batch).compile().cost_analysis()``.
+    With ``grad_accum=k`` the batch is split into k micro-batches (example i
+    goes to micro-batch i mod k, so each stays spread over a data-parallel
+    mesh); their gradients are averaged in a ``lax.scan`` before one update,
+    which equals one step on the whole batch for a loss that is a mean.
     """
 
-    def __init__(self, loss_fn: LossFn):
+    def __init__(self, loss_fn: LossFn, *, grad_accum: int = 1):
+        if not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum={grad_accum!r}: must be a positive integer")
         self.loss_fn = loss_fn
+        self.grad_accum = grad_accum
         self._jitted = jax.jit(self._update, static_argnums=0, donate_argnums=1)
 
-    def _update(self, static: _Static, carry, frozen: nnx.State, batch):
-        step, trainable, opt_state, rest = carry
-
-        def loss_of(trainable):
+    def _loss_and_grads(self, static: _Static, trainable, frozen, rest, batch):
+        def loss_of(trainable, rest):
             # Fresh Variables for this trace: the forward pass may advance RNG counters.
             model = nnx.merge(static.graphdef, trainable, frozen, jax.tree.map(lambda x: x, rest))
             out = self.loss_fn(model, batch)
             loss, aux = out if isinstance(out, tuple) else (out, {})
             return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable, rest)
+        return loss, aux, rest, grads
+
+    def _accumulated(self, static: _Static, trainable, frozen, rest, batch):
+        k = self.grad_accum
+        if k == 1:
+            return self._loss_and_grads(static, trainable, frozen, rest, batch)
+
+        def split(x):
+            if x.shape[0] % k:
+                raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={k}")
+            return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+        def micro_step(carry, micro_batch):
+            loss_sum, aux_sum, grad_sum, rest = carry
+            loss, aux, rest, grads = self._loss_and_grads(static, trainable, frozen, rest, micro_batch)
+            add = lambda a, b: a + b / k  # noqa: E731
+            return (loss_sum + loss / k, jax.tree.map(add, aux_sum, aux), jax.tree.map(add, grad_sum, grads), rest), None
+
+        micro_batches = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        aux_shape = jax.eval_shape(lambda: self._loss_and_grads(static, trainable, frozen, rest, first)[1])
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)  # noqa: E731
+        init = (jnp.zeros((), jnp.float32), zeros(aux_shape), zeros(trainable), rest)
+        (loss, aux, grads, rest), _ = jax.lax.scan(micro_step, init, micro_batches)
+        return loss, aux, rest, grads
+
+    def _update(self, static: _Static, carry, frozen: nnx.State, batch):
+        step, trainable, opt_state, rest = carry
+        loss, aux, rest, grads = self._accumulated(static, trainable, frozen, rest, batch)
         updates, opt_state = static.tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
@@ -131,6 +165,7 @@ class TrainStep:
         return self._jitted.lower(*self._args(state, batch))
 
 
-def make_train_step(loss_fn: LossFn) -> TrainStep:
-    """Compile ``loss_fn(model, batch) -> loss | (loss, aux)`` into a train step."""
-    return TrainStep(loss_fn)
+def make_train_step(loss_fn: LossFn, *, grad_accum: int = 1) -> TrainStep:
+    """Compile ``loss_fn(model, batch) -> loss | (loss, aux)`` into a train step
+    (``grad_accum`` micro-batches per update)."""
+    return TrainStep(loss_fn, grad_accum=grad_accum)

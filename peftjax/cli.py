@@ -1,0 +1,84 @@
+"""The ``peftjax`` command: ``train`` and ``eval`` (later: ``bench``, ``rank-search``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _load(path: str, overrides: list[str]):
+    from peftjax.config import load_config
+    from peftjax.methods.base import config_from_dict
+
+    return load_config(path, overrides, method_validator=config_from_dict)
+
+
+def _train(args) -> int:
+    from peftjax.train.runner import run
+
+    result = run(_load(args.config, args.overrides), resume=args.resume, progress=not args.quiet, fsdp=args.fsdp)
+    print(json.dumps({"metrics": result["metrics"], "params": result["params"],
+                      "wall_time_s": round(result["wall_time_s"], 1)}, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from peftjax.core.adapter_io import load_adapter
+    from peftjax.train.runner import build_model, evaluate, load_task, loss_and_stats
+    from peftjax.train.sharding import make_mesh
+
+    config = _load(args.config, args.overrides)
+    task, _ = load_task(config)
+    model = load_adapter(build_model(config, task.num_labels), args.checkpoint)
+    loss_fn, mesh = loss_and_stats(config.data.task), make_mesh()
+    scores = {}
+    for split in ("eval", "test"):
+        if split in task.splits:
+            found = evaluate(model, task.eval_loader(config.train.eval_batch_size, split), loss_fn, mesh)
+            scores.update({f"{split}_{k}": v for k, v in found.items()})
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host; see README)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train an experiment config")
+    train.add_argument("config", help="experiment YAML")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train.add_argument("--resume", action="store_true", help="continue from the output folder's latest checkpoint")
+    train.add_argument("--fsdp", type=int, default=1, help="devices per FSDP group (the rest are data-parallel)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter on the config's eval/test splits")
+    evaluate.add_argument("config")
+    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("--checkpoint", required=True, help="an adapter folder (OUTPUT/best or OUTPUT/adapter)")
+    evaluate.set_defaults(handler=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from peftjax.errors import PeftError
+
+    try:
+        return args.handler(args)
+    except (PeftError, FileNotFoundError) as err:
+        print(f"peftjax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
