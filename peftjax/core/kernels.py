@@ -101,3 +101,24 @@ class KernelLayout:
     def kernel_from_factors(self, a: jax.Array, b: jax.Array) -> jax.Array:
         """``A @ B`` laid out like the layer's kernel (for merging)."""
         return jnp.einsum(f"{self.in_axes}{_RANK_AXIS},{_RANK_AXIS}{self.out_axes}->{self.kernel_spec}", a, b)
+
+    def scale(self, values: jax.Array, spec: str, vector: jax.Array, *, axes: str) -> jax.Array:
+        """``values`` (laid out as ``spec``: the layer's input, output or kernel
+        spec) times ``vector`` along ``axes`` (``in_axes`` or ``out_axes``),
+        broadcast over the rest: IA3's and VeRA's vectors, DoRA's magnitudes."""
+        return jnp.einsum(f"{spec},{axes}->{spec}", values, vector)
+
+    def output_norms(self, kernel: jax.Array) -> jax.Array:
+        """The L2 norm of each output unit's weights (over the input axes),
+        shaped like the output axes (DoRA's column norms)."""
+        return jnp.sqrt(jnp.einsum(f"{self.kernel_spec},{self.kernel_spec}->{self.out_axes}", kernel, kernel))
+
+    def bias_shape(self, ndim: int) -> tuple[int, ...]:
+        """The shape that makes a bias (one value per output unit) broadcast
+        against an ``ndim``-dimensional output, as ``nnx.Linear`` and
+        ``nnx.Einsum`` add it."""
+        spec = self.output_spec
+        before, after = spec.split("...") if "..." in spec else ("", spec)
+        size = dict(zip(self.out_axes, self.out_shape, strict=True))
+        batch = ndim - len(before) - len(after)
+        return (*(size.get(c, 1) for c in before), *(1,) * batch, *(size.get(c, 1) for c in after))

@@ -1,6 +1,11 @@
-"""LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023).
+"""LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023) and LoRA+
+learning rates (Hayou et al. 2024).
 
     h = W x + s * B A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+LoRA+ trains B with a learning rate ``loraplus_lr_ratio`` (lambda = eta_B / eta_A,
+16 in the paper) times A's: B's parameters get their own label, ``"lora_b"``,
+and ``make_optimizer`` scales their updates by the ratio.
 
 A (in -> r) starts random, B (r -> out) starts at zero, so the wrapped model
 computes exactly what the base model did until B moves. This file is the
@@ -20,8 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.methods.base import AdapterWrapper, LabelRule, MethodConfig, register_method
 from peftjax.variables import AdapterParam
+
+# The label of B's parameters under LoRA+ (see LoraConfig.loraplus_lr_ratio).
+LORAPLUS_B_LABEL = "lora_b"
 
 
 class LoraA(AdapterParam):
@@ -46,6 +54,9 @@ class LoraConfig(MethodConfig):
         default of HF PEFT and the LoRA reference code (torch's
         ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: normal with std 1/r.
         B always starts at zero.
+      loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
+        16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
+        the model takes the ratio, so two stacked LoRA+ adapters must agree.
     """
 
     target_types = SUPPORTED_LAYERS
@@ -55,6 +66,7 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +74,9 @@ class LoraConfig(MethodConfig):
         self.check(self.alpha > 0, "alpha", "must be > 0")
         self.check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         self.check(self.init in ("kaiming", "gaussian"), "init", "must be 'kaiming' or 'gaussian'")
+        self.check(
+            self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio", "must be None or > 0"
+        )
 
     @property
     def scale(self) -> float:
@@ -69,6 +84,15 @@ class LoraConfig(MethodConfig):
 
     def wrap(self, module, *, adapter_name, rngs):
         return LoraLinear(module, self, adapter_name=adapter_name, rngs=rngs)
+
+    def label_rules(self, model: nnx.Module) -> list[LabelRule]:
+        rules = super().label_rules(model)
+        if self.loraplus_lr_ratio is not None:
+            rules.append((LoraB, LORAPLUS_B_LABEL))
+        return rules
+
+    def lr_multipliers(self) -> dict[str, float]:
+        return {} if self.loraplus_lr_ratio is None else {LORAPLUS_B_LABEL: self.loraplus_lr_ratio}
 
 
 def init_down_projection(config: LoraConfig, shape: tuple[int, ...], fan_in: int, key: jax.Array) -> jax.Array:
