@@ -25,7 +25,7 @@ from peftjax.models.llama import (
     RopeParameters,
 )
 from peftjax.models.loading import LoadReport, from_pretrained, save_pretrained
-from peftjax.models.presets import PRESETS, count_parameters, from_config, presets
+from peftjax.models.factory import PRESETS, count_parameters, from_config, presets
 from peftjax.models.registry import SUPPORTED_MODEL_TYPES, TASKS
 from peftjax.models.vit import ViTConfig, ViTForImageClassification, ViTModel
 

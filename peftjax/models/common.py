@@ -114,7 +114,10 @@ def labels_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     id2label = d.get("id2label")
     if id2label:
         names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-        return {"num_labels": len(names), "label_names": names}
+        # transformers' placeholder names carry no information; keep none.
+        if names == tuple(f"LABEL_{i}" for i in range(len(names))):
+            names = ()
+        return {"num_labels": len(id2label), "label_names": names}
     if d.get("num_labels") is not None:
         return {"num_labels": int(d["num_labels"])}
     return {}
