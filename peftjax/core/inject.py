@@ -144,6 +144,10 @@ def apply(
             raise PeftError(f"{type(config).__name__}.wrap_all built {len(wrappers)} wrappers for {len(selected)} modules")
         for (path, module), wrapper in zip(selected, wrappers):
             replacements.append((_parent(model, path), path[-1], module, wrapper))
+    else:
+        # A method that only relabels parameters (BitFit, LN tuning) raises here,
+        # not at the first count or optimizer, when it selects nothing on this model.
+        config.label_rules(model)
 
     done = []
     try:

@@ -9,9 +9,8 @@ module holds what they share; each method is its own file.
 A subclass says which parameters it trains with ``trains``. ``targets`` and
 ``exclude`` narrow the choice to parameters under the named modules (a
 parameter is under a module when the module's path or one of its ancestors'
-matches). A config that selects no parameter of the model is an error,
-raised when its labels are first needed (``count_params``,
-``make_optimizer``, ``save_adapter``).
+matches). A config that selects no parameter of the model (BitFit on a
+model without biases) is an error, raised by ``peftjax.apply``.
 """
 
 from __future__ import annotations
