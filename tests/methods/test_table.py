@@ -106,6 +106,63 @@ ROWS = [
 ]
 
 
+# Methods on insertion points: bottleneck adapters, prompt tuning, prefix tuning.
+def bottleneck_count(per_layer, bottleneck=None, reduction=16):
+    """per_layer adapters in each layer, each 2 d b + b + d (down and up, with biases)."""
+
+    def count(m):
+        d = m.config.hidden_size
+        b = bottleneck or d // reduction
+        return per_layer * m.config.num_hidden_layers * (2 * d * b + b + d)
+
+    return count
+
+
+def kv_dim(m):
+    heads = getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
+    return heads * m.config.head_dim
+
+
+def prefix_count(n, projection_width=None):
+    """Direct: L 2 N kv_dim. Reparameterised (width e): N kv + kv e + e + L (2 e kv + 2 kv)."""
+
+    def count(m):
+        layers, kv = m.config.num_hidden_layers, kv_dim(m)
+        if projection_width is None:
+            return layers * 2 * n * kv
+        e = projection_width or kv
+        return n * kv + kv * e + e + layers * (2 * e * kv + 2 * kv)
+
+    return count
+
+
+for _model in ("bert-tiny", "llama-tiny", "vit-tiny"):
+    ROWS += [
+        Row.of(f"houlsby-{_model}", _model, peftjax.BottleneckConfig(variant="houlsby"), bottleneck_count(2)),
+        Row.of(f"pfeiffer-{_model}", _model,
+               peftjax.BottleneckConfig(variant="pfeiffer", bottleneck_size=4, non_linearity="gelu"),
+               bottleneck_count(1, bottleneck=4)),
+        Row.of(f"parallel-{_model}", _model, peftjax.BottleneckConfig(variant="parallel", reduction_factor=8),
+               bottleneck_count(1, reduction=8)),
+    ]
+for _model in ("bert-tiny", "llama-tiny-cls"):
+    ROWS += [
+        Row.of(f"prompt-random-{_model}", _model, peftjax.PromptTuningConfig(num_virtual_tokens=4),
+               lambda m: 4 * m.config.hidden_size, identity_at_init=False),
+        Row.of(f"prompt-text-{_model}", _model,
+               peftjax.PromptTuningConfig(num_virtual_tokens=5, init="text", init_text_ids=(11, 12, 13)),
+               lambda m: 5 * m.config.hidden_size, identity_at_init=False),
+    ]
+for _model in ("bert-tiny", "llama-tiny"):
+    ROWS += [
+        Row.of(f"prefix-{_model}", _model, peftjax.PrefixTuningConfig(num_virtual_tokens=3),
+               prefix_count(3), identity_at_init=False),
+        Row.of(f"prefix-projection-{_model}", _model,
+               peftjax.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+               prefix_count(3, projection_width=16), identity_at_init=False),
+    ]
+
+
 @pytest.fixture(params=ROWS, ids=lambda r: r.id)
 def row(request):
     return request.param
