@@ -70,6 +70,9 @@ class Row:
     trainable: Callable[[nnx.Module], int]  # the count formula, given the base model
     identity_at_init: bool = True
     mergeable: bool = False
+    # Identity against the model with its adapters disabled rather than the
+    # model before apply: QLoRA starts at its quantised base, not the float one.
+    identity_to_disabled: bool = False
 
     @classmethod
     def of(cls, id, model, config, trainable, **kw):
@@ -103,6 +106,62 @@ ROWS = [
            ), mergeable=True),
     Row.of("lora-vit", "vit-tiny", LoraConfig(rank=2, targets=["query", "value"]),
            lambda m: lora_count(2, (4, 32, 32)), mergeable=True),
+]
+
+
+# Kernel methods beyond LoRA (IA3, DoRA, VeRA, QLoRA, LoRA+) and methods that
+# only relabel parameters (BitFit, LN tuning, linear probe, full fine-tuning).
+def llama(model):
+    c = model.config
+    return c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+
+
+BERT_IA3_TARGETS = r".*\.(key|value|layer\.\d+\.output\.dense)"  # not attention.output.dense
+BERT_FFN_OUT = r".*\.layer\.\d+\.output\.dense"
+TOY_ALL_LINEAR = ((8, 16, 16), (2, 16, 32), (2, 32, 16))  # (count, in, out) per kernel shape
+
+ROWS += [
+    # IA3: out_features per output-scaled layer, in_features per feed-forward (input-scaled) layer.
+    Row.of("ia3-toy", "toy", peftjax.IA3Config(targets=["key", "value", "down"], feedforward=["down"]),
+           lambda m: 2 * (16 + 16 + 32), mergeable=True),
+    Row.of("ia3-bert", "bert-tiny", peftjax.IA3Config(targets=BERT_IA3_TARGETS, feedforward=BERT_FFN_OUT),
+           lambda m: bert(m)[0] * (2 * bert(m)[1] + bert(m)[2]), mergeable=True),
+    Row.of("ia3-llama", "llama-tiny",
+           peftjax.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
+           lambda m: llama(m)[0] * (2 * llama(m)[3] + llama(m)[2]), mergeable=True),
+    # DoRA: LoRA plus one magnitude per output unit.
+    Row.of("dora-toy", "toy", peftjax.DoraConfig(rank=4, targets=["query", "value"]),
+           lambda m: lora_count(4, (4, 16, 16)) + 4 * 16, mergeable=True),
+    Row.of("dora-bert-dropout", "bert-tiny", peftjax.DoraConfig(rank=2, targets=["query", "value"], dropout=0.1),
+           lambda m: lora_count(2, (2 * bert(m)[0], bert(m)[1], bert(m)[1])) + 2 * bert(m)[0] * bert(m)[1],
+           mergeable=True),
+    # VeRA: r + out per layer (the shared random matrices are buffers).
+    Row.of("vera-toy-all-linear", "toy", peftjax.VeraConfig(rank=8, targets="all-linear"),
+           lambda m: sum(n * (8 + d_out) for n, _, d_out in TOY_ALL_LINEAR), mergeable=True),
+    Row.of("vera-bert-qv", "bert-tiny", peftjax.VeraConfig(rank=16, targets=["query", "value"]),
+           lambda m: 2 * bert(m)[0] * (16 + bert(m)[1]), mergeable=True),
+    # QLoRA: LoRA's count; the base is its 4-bit copy, so identity is against the quantised base.
+    Row.of("qlora-toy-double-quant", "toy", peftjax.QLoraConfig(rank=4, targets="all-linear"),
+           lambda m: lora_count(4, *TOY_ALL_LINEAR), identity_to_disabled=True),
+    Row.of("qlora-bert-no-double-quant", "bert-tiny",
+           peftjax.QLoraConfig(rank=2, targets=["query", "value"], double_quant=False),
+           lambda m: lora_count(2, (2 * bert(m)[0], bert(m)[1], bert(m)[1])), identity_to_disabled=True),
+    Row.of("loraplus-toy", "toy", LoraConfig(rank=4, targets=["query", "value"], loraplus_lr_ratio=16.0),
+           lambda m: lora_count(4, (4, 16, 16)), mergeable=True),
+    # Relabelling only: nothing to merge, so merged == unmerged trivially.
+    Row.of("bitfit-bert", "bert-tiny", peftjax.BitFitConfig(),
+           # q k v o, FFN in and out, two LayerNorms per layer; embeddings LayerNorm, pooler, classifier
+           lambda m: bert(m)[0] * (7 * bert(m)[1] + bert(m)[2]) + 2 * bert(m)[1] + 2, mergeable=True),
+    Row.of("ln-tuning-bert", "bert-tiny", peftjax.LNTuningConfig(),
+           lambda m: bert(m)[0] * 2 * 2 * bert(m)[1] + 2 * bert(m)[1], mergeable=True),
+    Row.of("ln-tuning-llama", "llama-tiny", peftjax.LNTuningConfig(),
+           lambda m: llama(m)[0] * 2 * llama(m)[1] + llama(m)[1], mergeable=True),  # RMSNorm: scale only
+    Row.of("linear-probe-bert", "bert-tiny", peftjax.LinearProbeConfig(),
+           lambda m: bert(m)[1] * 2 + 2, mergeable=True),
+    Row.of("linear-probe-llama", "llama-tiny-cls", peftjax.LinearProbeConfig(),
+           lambda m: llama(m)[1] * 2, mergeable=True),  # the score head has no bias
+    Row.of("full-toy", "toy", peftjax.FullFineTuningConfig(),
+           lambda m: 2 * (4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16) + 2 * 16) + 16 + 1, mergeable=True),
 ]
 
 
@@ -197,6 +256,10 @@ def test_identity_at_init(row):
     model, inputs, base_out, _ = build(row)
     if not row.identity_at_init:
         pytest.skip(f"{row.id}: the method does not start at the identity (by design)")
+    if row.identity_to_disabled:
+        peftjax.disable_adapters(model)
+        base_out = forward(model, inputs)
+        peftjax.set_active_adapters(model, [name for name, _ in row.configs])
     np.testing.assert_allclose(forward(model, inputs), base_out, atol=TOLERANCE, rtol=0)
 
 
