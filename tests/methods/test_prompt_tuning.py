@@ -1,0 +1,142 @@
+"""Prompt tuning against a manual computation: N virtual tokens whose embeddings
+are those of real tokens P must give the base model's computation on the
+sequence [P; ids], read at the caller's positions (pooling shifted by N, the N
+positions dropped from token outputs)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peftjax
+from peftjax import PeftError, PromptTuningConfig
+from peftjax.methods.prompt_tuning import repeat_to_length
+from peftjax.models import from_config
+
+PROMPT_IDS = (11, 12, 13, 14, 15)
+N = len(PROMPT_IDS)
+TOLERANCE = 1e-5
+
+
+def batch():
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 1000)
+    mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    return ids, mask
+
+
+def with_prompt_tokens(ids, mask):
+    """[P; ids] and its mask: what the virtual tokens stand for."""
+    prompt = jnp.broadcast_to(jnp.array(PROMPT_IDS, ids.dtype), (ids.shape[0], N))
+    return jnp.concatenate([prompt, ids], 1), jnp.concatenate([jnp.ones_like(prompt), mask], 1)
+
+
+def prompted_and_base(preset, **kwargs):
+    """The preset with a text-initialised prompt, and the same base model without it."""
+    model, base = from_config(preset, seed=0, **kwargs), from_config(preset, seed=0, **kwargs)
+    peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=N, init="text", init_text_ids=PROMPT_IDS))
+    model.eval(), base.eval()
+    return model, base
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "roberta-tiny"])
+def test_bert_sequence_classification_pools_the_first_real_token(preset):
+    model, base = prompted_and_base(preset, num_labels=2)
+    ids, mask = batch()
+    out = model(ids, mask)
+    encoder = base.base_model
+    hidden = encoder(*with_prompt_tokens(ids, mask)).last_hidden_state[:, N:]
+    np.testing.assert_allclose(out.last_hidden_state, hidden, atol=TOLERANCE)
+    if preset == "bert-tiny":  # [CLS] sits at position N of the prompted sequence
+        expected = base.classifier(encoder.pooler(hidden))
+    else:
+        expected = base.classifier(hidden)  # RoBERTa's head reads <s>, at position N as well
+    np.testing.assert_allclose(out.logits, expected, atol=TOLERANCE)
+
+
+def test_bert_token_classification_drops_the_virtual_positions():
+    model, base = prompted_and_base("bert-tiny", task="token-classification", num_labels=3)
+    ids, mask = batch()
+    out = model(ids, mask)
+    assert out.logits.shape == (2, 8, 3)
+    hidden = base.base_model(*with_prompt_tokens(ids, mask)).last_hidden_state
+    np.testing.assert_allclose(out.logits, base.classifier(hidden[:, N:]), atol=TOLERANCE)
+
+
+def test_llama_sequence_classification_pools_the_last_real_token():
+    model, base = prompted_and_base("llama-tiny", num_labels=2)
+    ids, mask = batch()
+    out = model(ids, mask)
+    hidden = base.model(*with_prompt_tokens(ids, mask)).last_hidden_state
+    last = jnp.array([N + 7, N + 4])  # row 1 is padded after its fifth token
+    np.testing.assert_allclose(out.logits, base.score(hidden[jnp.arange(2), last]), atol=TOLERANCE)
+    np.testing.assert_allclose(out.last_hidden_state, hidden[:, N:], atol=TOLERANCE)
+
+
+def test_llama_causal_lm_logits_are_the_callers_positions():
+    model, base = prompted_and_base("llama-tiny")
+    ids, mask = batch()
+    expected = base(*with_prompt_tokens(ids, mask)).logits[:, N:]
+    np.testing.assert_allclose(model(ids, mask).logits, expected, atol=TOLERANCE)
+
+
+def test_text_init_repeats_or_truncates_the_ids_as_hf_peft():
+    assert repeat_to_length((1, 2, 3), 7) == (1, 2, 3, 1, 2, 3, 1)
+    assert repeat_to_length((1, 2, 3, 4), 2) == (1, 2)
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    table = model.get_input_embeddings().embedding[...]
+    peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=7, init="text", init_text_ids=(5, 6, 7)))
+    prompt = model.bert.embeddings.input_embeddings.prompt[...]
+    np.testing.assert_array_equal(prompt, table[jnp.array([5, 6, 7, 5, 6, 7, 5])])
+
+
+def test_random_init_matches_the_token_table_scale():
+    model = from_config("llama-tiny", seed=0)
+    table_std = float(jnp.std(model.get_input_embeddings().embedding[...]))
+    peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=64))
+    prompt = model.model.input_embeddings.prompt[...]
+    assert prompt.shape == (64, 64)
+    assert abs(float(jnp.std(prompt)) / table_std - 1) < 0.1
+    fixed = from_config("llama-tiny", seed=0)
+    peftjax.apply(fixed, PromptTuningConfig(num_virtual_tokens=64, init_std=0.5))
+    assert abs(float(jnp.std(fixed.model.input_embeddings.prompt[...])) / 0.5 - 1) < 0.1
+
+
+def test_vit_takes_a_random_prompt_and_refuses_a_text_one(unchanged):
+    model = from_config("vit-tiny", num_labels=3, seed=0)
+    check = unchanged(model)
+    with pytest.raises(PeftError, match="reads the token embeddings.*get_input_embeddings"):
+        peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=2, init="text", init_text_ids=(1,)))
+    check()
+    peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=2))
+    model.eval()
+    out = model(jax.random.normal(jax.random.key(0), (2, 3, 32, 32)))
+    assert out.logits.shape == (2, 3) and out.last_hidden_state.shape == (2, 17, 32)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(num_virtual_tokens=0), "num_virtual_tokens=0: must be a positive integer"),
+        (dict(init="vocab"), "init='vocab': must be 'random' or 'text'"),
+        (dict(init="text"), "init_text_ids=\\(\\): must not be empty"),
+        (dict(init="text", init_text_ids=(1, -2)), "must hold non-negative token ids"),
+        (dict(init_std=0.0), "init_std=0.0: must be > 0"),
+    ],
+)
+def test_bad_configs_are_clear_errors(fields, message):
+    with pytest.raises(PeftError, match=message):
+        PromptTuningConfig(**fields)
+
+
+def test_ids_outside_the_vocabulary_leave_the_model_untouched(unchanged):
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    check = unchanged(model)
+    with pytest.raises(PeftError, match=r"init_text_ids \[5000\] are outside the vocabulary of 1000 tokens"):
+        peftjax.apply(model, PromptTuningConfig(init="text", init_text_ids=(3, 5000)))
+    check()
+
+
+def test_config_round_trip_and_default_targets():
+    config = PromptTuningConfig(num_virtual_tokens=3, init="text", init_text_ids=[4, 5])
+    assert config.targets == ("input_embeddings",) and config.init_text_ids == (4, 5)
+    assert peftjax.config_from_dict(config.to_dict()) == config
