@@ -1,0 +1,149 @@
+"""Prefix tuning: prefixes are keys/values every query sees (checked against a
+KV cache and a hand-written attention), the reparameterisation counts as HF
+PEFT's and folds away exactly, and models without attention points refuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import peftjax
+from peftjax import PeftError, PrefixTuningConfig
+from peftjax.methods.prefix_tuning import PrefixEncoderParam, PrefixTuning, fold
+from peftjax.models import from_config
+from peftjax.points import AttentionKeyValue
+
+N = 3
+
+
+def batch():
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 1000)
+    mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    return ids, mask
+
+
+def prefix_wrappers(model):
+    return [w for _, w in peftjax.iter_wrappers(model) if isinstance(w, PrefixTuning)]
+
+
+class KeyValueRecorder(AttentionKeyValue):
+    """An identity point that keeps what it saw (eager use only)."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def __call__(self, k_bsnh, v_bsnh, mask_bs):
+        self.seen.append((k_bsnh, v_bsnh))
+        return k_bsnh, v_bsnh, mask_bs
+
+
+def test_llama_prefix_is_a_kv_cache_of_post_rope_keys():
+    """Prefixes set to the keys (after RoPE) and values the base model computes
+    for tokens P make the model continue [P; ids]: what HF's past_key_values
+    holds. The callers' tokens then take positions N.. (passed explicitly)."""
+    base, model = from_config("llama-tiny", seed=0), from_config("llama-tiny", seed=0)
+    base.eval(), model.eval()
+    ids, mask = batch()
+    prompt = jnp.broadcast_to(jnp.array([21, 22, 23]), (2, N))
+    seen = []
+    for layer in base.model.layers:
+        layer.self_attn.attention_kv = KeyValueRecorder(seen)
+    expected = base(jnp.concatenate([prompt, ids], 1), jnp.concatenate([jnp.ones_like(prompt), mask], 1)).logits
+
+    peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=N))
+    for wrapper, (k, v) in zip(prefix_wrappers(model), seen, strict=True):
+        assert wrapper.prefix_keys.shape == (N, 2, 16)  # grouped-query attention: 2 key/value heads
+        wrapper.prefix_keys[...], wrapper.prefix_values[...] = k[0, :N], v[0, :N]
+    positions = jnp.broadcast_to(jnp.arange(N, N + 8), (2, 8))
+    np.testing.assert_allclose(model(ids, mask, positions).logits, expected[:, N:], atol=1e-5)
+
+
+def test_bert_attention_with_prefix_is_the_formula():
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=N))
+    model.eval()
+    attention = model.bert.encoder.layer[1].attention.self
+    x = jax.random.normal(jax.random.key(2), (2, 6, 32))
+    mask = jnp.array([[True] * 6, [True] * 4 + [False] * 2])
+    heads = lambda t: t.reshape(2, -1, 4, 8)  # noqa: E731
+    q, k, v = heads(attention.query(x)), heads(attention.key(x)), heads(attention.value(x))
+    wrapper = attention.attention_kv
+    k = jnp.concatenate([jnp.broadcast_to(wrapper.prefix_keys[...], (2, N, 4, 8)), k], 1)
+    v = jnp.concatenate([jnp.broadcast_to(wrapper.prefix_values[...], (2, N, 4, 8)), v], 1)
+    visible = jnp.concatenate([jnp.ones((2, N), bool), mask], 1)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(8.0)
+    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+    expected = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, -1), v).reshape(2, 6, 32)
+    np.testing.assert_allclose(attention(x, mask), expected, atol=1e-5)
+
+
+def test_reparameterisation_is_shared_and_counts_as_hf_peft():
+    from peft import PrefixEncoder
+    from peft import PrefixTuningConfig as HFPrefixTuningConfig
+
+    model = from_config("llama-tiny", seed=0)
+    peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16))
+    wrappers = prefix_wrappers(model)
+    assert len(wrappers) == 2 and wrappers[0].encoder is wrappers[1].encoder
+    hf = PrefixEncoder(
+        HFPrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=N, token_dim=32, num_layers=2, num_attention_heads=2,
+            encoder_hidden_size=16, prefix_projection=True, num_transformer_submodules=1,
+        )
+    )  # token_dim = kv_dim: HF PEFT's size for grouped-query attention
+    assert peftjax.count_params(model).trainable == sum(p.numel() for p in hf.parameters()) == 3 * 32 + 32 * 16 + 16 + 2 * (
+        16 * 64 + 64
+    )
+
+
+def test_fold_keeps_the_output_and_leaves_only_the_prefixes(tmp_path):
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True))
+    model.eval()
+    for i, variable in enumerate(v for _, v in nnx.iter_graph(model) if isinstance(v, PrefixEncoderParam)):
+        variable[...] += 0.1 * jax.random.normal(jax.random.key(i), variable.shape)  # "trained"
+    ids, mask = batch()
+    trained = model(ids, mask).logits
+    before = peftjax.count_params(model)
+
+    assert fold(model) is model
+    np.testing.assert_allclose(model(ids, mask).logits, trained, atol=1e-6, rtol=0)
+    after = peftjax.count_params(model)
+    assert after.trainable == 2 * 2 * N * 32 < before.trainable
+    assert after.total == before.total - before.trainable + after.trainable
+    assert not any(isinstance(v, PrefixEncoderParam) for _, v in nnx.iter_graph(model))
+    (name, config), = peftjax.applied_methods(model)
+    assert not config.prefix_projection and config.num_virtual_tokens == N
+
+    peftjax.save_adapter(model, tmp_path / "folded")
+    fresh = from_config("bert-tiny", num_labels=2, seed=0)
+    peftjax.load_adapter(fresh, tmp_path / "folded")
+    fresh.eval()
+    np.testing.assert_allclose(fresh(ids, mask).logits, trained, atol=1e-6, rtol=0)
+    assert fold(model) is model  # nothing left to fold: a no-op
+
+
+def test_fold_needs_a_prefix_adapter():
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    with pytest.raises(PeftError, match="no prefix-tuning adapter"):
+        fold(model)
+
+
+def test_a_model_without_attention_points_is_a_clear_error(toy, unchanged):
+    check = unchanged(toy)
+    with pytest.raises(PeftError, match="prefix_tuning on a model without AttentionKeyValue insertion points"):
+        peftjax.apply(toy, PrefixTuningConfig())
+    check()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(num_virtual_tokens=0), "num_virtual_tokens=0: must be a positive integer"),
+        (dict(encoder_hidden_size=0), "encoder_hidden_size=0: must be a positive integer or None"),
+    ],
+)
+def test_bad_configs_are_clear_errors(fields, message):
+    with pytest.raises(PeftError, match=message):
+        PrefixTuningConfig(**fields)
