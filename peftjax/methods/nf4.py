@@ -35,6 +35,7 @@ largest such half-gap, the bound the tests check.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -95,6 +96,7 @@ def _blocks(flat: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(flat, (0, pad)).reshape(-1, block_size)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def quantize_nf4(x: jax.Array, *, block_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Blockwise NF4 quantisation of ``x`` (any shape, flattened row-major).
 
@@ -113,6 +115,7 @@ def quantize_nf4(x: jax.Array, *, block_size: int = 64) -> tuple[jax.Array, jax.
     return codes, absmax
 
 
+@functools.partial(jax.jit, static_argnames=("size", "block_size"))
 def dequantize_nf4(codes: jax.Array, absmax: jax.Array, *, size: int, block_size: int = 64) -> jax.Array:
     """Inverse of :func:`quantize_nf4`: the first ``size`` values, flat, in fp32."""
     indices = jnp.stack([codes >> 4, codes & 0x0F], axis=-1).reshape(-1, block_size)
@@ -120,6 +123,7 @@ def dequantize_nf4(codes: jax.Array, absmax: jax.Array, *, size: int, block_size
     return values.ravel()[:size]
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def quantize_absmax(absmax: jax.Array, *, block_size: int = 256) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Double quantisation of the NF4 block scales.
 
@@ -135,6 +139,7 @@ def quantize_absmax(absmax: jax.Array, *, block_size: int = 256) -> tuple[jax.Ar
     return codes.ravel()[: absmax.size], scales, mean
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def dequantize_absmax(codes: jax.Array, scales: jax.Array, mean: jax.Array, *, block_size: int = 256) -> jax.Array:
     """Inverse of :func:`quantize_absmax`: the NF4 block scales in fp32."""
     per_code = jnp.repeat(scales, block_size)[: codes.size]
