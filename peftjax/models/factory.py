@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -100,7 +101,7 @@ def from_config(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     abstract: bool = False,
     **overrides: Any,
 ) -> nnx.Module:
@@ -115,6 +116,7 @@ def from_config(
         num_labels: size of a classification head.
         dtype, param_dtype: computation and parameter dtypes.
         rngs: initialisation and dropout RNGs; ``nnx.Rngs(seed)`` if omitted.
+        seed: an int or a typed PRNG key (``jax.random.key``).
         abstract: return the model as ``nnx.eval_shape`` builds it, with
             ``jax.ShapeDtypeStruct`` leaves and nothing allocated; for sizing
             models such as ``llama-8b`` that should not be materialised.

@@ -306,7 +306,7 @@ def from_pretrained(
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     revision: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     strict: bool = False,
@@ -323,7 +323,8 @@ def from_pretrained(
             by default the checkpoint's ``architectures`` decide.
         num_labels: size of a classification head; overrides the checkpoint's.
         dtype: computation dtype. param_dtype: storage dtype of parameters.
-        seed: seeds newly initialised parameters and dropout.
+        seed: an int or a typed PRNG key (``jax.random.key``); seeds newly
+            initialised parameters and dropout.
         revision: Hub revision, when ``path`` is a repo id.
         config_overrides: config fields to replace, e.g. ``{"remat": True}``
             or dropout rates.
@@ -365,8 +366,10 @@ def from_pretrained(
     model_cls = registry.model_class(model_type, chosen_task)
     files = _weight_files(folder, hf_config)
 
+    base_key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+
     def build() -> nnx.Module:
-        return model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        return model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(base_key))
 
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
@@ -434,7 +437,6 @@ def from_pretrained(
         return [fresh_state[p].get_value() for p in fresh_paths]
 
     fresh = dict(zip(fresh_paths, initialise_fresh())) if fresh_paths else {}
-    base_key = jax.random.key(seed)
     leaves = []
     for index, (leaf_path, variable) in enumerate(flat_abstract):
         if leaf_path in plan:

@@ -135,10 +135,14 @@ def run(model: nnx.Module, inputs: dict) -> models.ModelOutput:
     return model(**inputs)
 
 
-def build(name: str, task: str | None = None, num_labels: int | None = None) -> nnx.Module:
-    model = models.from_config(name, task=task, num_labels=num_labels, seed=1)
-    model.eval()
-    return model
+@pytest.fixture
+def build(tiny_checkpoint):
+    """Returns a fresh eval-mode model per call, loaded from a tiny checkpoint."""
+
+    def load(name: str, task: str) -> nnx.Module:
+        return models.from_pretrained(tiny_checkpoint(name, task))
+
+    return load
 
 
 # ----------------------------------------------------------------- placement
@@ -188,7 +192,7 @@ def test_every_layer_has_its_points(name, task, expected):
     [("bert-tiny", "sequence-classification"), ("llama-tiny", "causal-lm"),
      ("vit-tiny", "image-classification")],
 )
-def test_identity_points_change_nothing_and_see_the_contract_shapes(name, task):
+def test_identity_points_change_nothing_and_see_the_contract_shapes(build, name, task):
     model = build(name, task)
     inputs = (
         {"pixel_values": jnp.ones((2, 3, 32, 32))} if name.startswith("vit") else text_inputs(model)
@@ -227,7 +231,7 @@ def test_identity_points_change_nothing_and_see_the_contract_shapes(name, task):
         ("llama-tiny", "sequence-classification"),
     ],
 )
-def test_prepended_token_embeddings_equal_a_longer_input(name, task):
+def test_prepended_token_embeddings_equal_a_longer_input(build, name, task):
     """Prepending the embeddings of real tokens is running on the longer sequence.
 
     Outputs stay aligned with the caller's tokens: token-level outputs drop
@@ -236,7 +240,7 @@ def test_prepended_token_embeddings_equal_a_longer_input(name, task):
     token; Llama: the caller's last real token).
     """
     prefix_ids = jnp.asarray([[11, 22, 44]])
-    model = build(name, task, num_labels=3)
+    model = build(name, task)
     inputs = text_inputs(model)
     long_inputs = {
         "input_ids": jnp.concatenate([jnp.repeat(prefix_ids, 2, 0), inputs["input_ids"]], 1),
@@ -265,7 +269,7 @@ def test_prepended_token_embeddings_equal_a_longer_input(name, task):
         assert not np.allclose(short.logits, long.logits, atol=1e-3)
 
 
-def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled():
+def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled(build):
     model = build("vit-tiny", "image-classification")
     pixels = jax.random.normal(jax.random.key(0), (2, 3, 32, 32))
     before = run(model, {"pixel_values": pixels})
@@ -286,8 +290,8 @@ def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled():
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "llama-tiny", "vit-tiny"])
-def test_masked_out_key_value_prefix_changes_nothing(name):
-    task = {"bert-tiny": "token-classification", "llama-tiny": "causal-lm"}.get(name)
+def test_masked_out_key_value_prefix_changes_nothing(build, name):
+    task = {"bert-tiny": "sequence-classification", "llama-tiny": "causal-lm"}.get(name)
     model = build(name, task or "image-classification")
     inputs = (
         {"pixel_values": jnp.ones((2, 3, 32, 32))} if name.startswith("vit") else text_inputs(model)
@@ -304,7 +308,7 @@ def test_masked_out_key_value_prefix_changes_nothing(name):
     np.testing.assert_allclose(after.logits, before.logits, atol=TOL, rtol=0)
 
 
-def test_llama_key_value_prefix_is_a_visible_causal_prefix():
+def test_llama_key_value_prefix_is_a_visible_causal_prefix(build):
     """Feeding a layer its own earlier keys/values is a KV cache.
 
     Run the whole sequence once and record each layer's keys/values; then
@@ -333,7 +337,7 @@ def test_llama_key_value_prefix_is_a_visible_causal_prefix():
     np.testing.assert_allclose(tail.logits, full.logits[:, split:], atol=TOL, rtol=0)
 
 
-def test_points_with_parameters_are_skipped_by_save_pretrained(tmp_path, caplog):
+def test_points_with_parameters_are_skipped_by_save_pretrained(build, tmp_path, caplog):
     model = build("llama-tiny", "causal-lm")
     prefix = jnp.zeros((1, 2, 64))
     replace_points(model, {InputEmbeddings: lambda path: PrependEmbeddings(prefix)})

@@ -26,16 +26,22 @@ def forward(model, input_ids, attention_mask):
     return model(input_ids, attention_mask)
 
 
+def rbg_key(seed: int) -> jax.Array:
+    """RBG keys: same statistics as the default, far quicker to compile on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
 @pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    """A BERT sequence classifier (3 labels) saved by peftjax."""
-    model = models.from_config("bert-tiny", num_labels=3, seed=3)
+def bert_folder(tiny_checkpoint, tmp_path_factory):
+    """A BERT sequence classifier (3 labels), re-saved by peftjax."""
+    model = models.from_pretrained(tiny_checkpoint("bert-tiny", "sequence-classification"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("bert-seq"))
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    model = models.from_config("llama-tiny", seed=4)
+def llama_folder(tiny_checkpoint, tmp_path_factory):
+    """A tied-embedding Llama causal LM, re-saved by peftjax."""
+    model = models.from_pretrained(tiny_checkpoint("llama-tiny", "causal-lm"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("llama"))
 
 
@@ -138,8 +144,19 @@ def test_hub_ids_go_through_snapshot_download(bert_folder, monkeypatch):
 # --------------------------------------------------------- modes and dtypes
 
 
+def test_from_config_initialises_like_transformers():
+    model = models.from_config("bert-tiny", seed=rbg_key(0))
+    assert not model.embeddings.dropout.deterministic  # built in training mode
+    kernel = np.asarray(model.encoder.layer[0].attention.self.query.kernel[...])
+    assert abs(kernel.std() - 0.02) < 0.004  # N(0, initializer_range)
+    np.testing.assert_array_equal(model.embeddings.word_embeddings.embedding[0], 0.0)  # padding
+    np.testing.assert_array_equal(model.encoder.layer[1].output.LayerNorm.scale[...], 1.0)
+
+
 def test_loaded_model_is_in_eval_mode_and_train_enables_dropout(bert_folder):
-    model = models.from_pretrained(bert_folder, config_overrides={"hidden_dropout_prob": 0.3})
+    model = models.from_pretrained(
+        bert_folder, seed=rbg_key(0), config_overrides={"hidden_dropout_prob": 0.3}
+    )
     first = forward(model, IDS, MASK).logits
     np.testing.assert_array_equal(first, forward(model, IDS, MASK).logits)
     model.train()

@@ -37,15 +37,15 @@ def transformers_count(preset: str, model_cls: type) -> int:
     return sum(p.numel() for p in reference.parameters())
 
 
-def test_bert_base_has_the_published_size():
-    assert models.count_parameters(models.from_config("bert-base", abstract=True)) == 109_482_240
+PUBLISHED = {"bert-base": 109_482_240, "llama-1b": 1_235_814_400}
 
 
 @pytest.mark.parametrize("preset", list(COUNTED))
 def test_parameter_count_equals_transformers(preset):
     task, model_cls = COUNTED[preset]
-    model = models.from_config(preset, task=task, abstract=True)
-    assert models.count_parameters(model) == transformers_count(preset, model_cls)
+    count = models.count_parameters(models.from_config(preset, task=task, abstract=True))
+    assert count == transformers_count(preset, model_cls)
+    assert count == PUBLISHED.get(preset, count)
 
 
 def test_llama_8b_is_sized_abstractly():

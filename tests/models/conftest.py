@@ -1,0 +1,48 @@
+"""Shared fixtures for the reference-model tests.
+
+Tiny random checkpoints are written by transformers PyTorch, whose
+initialisation costs milliseconds, instead of by ``from_config``, whose
+first random initialisation in a process compiles dozens of small XLA
+programs. Loading a checkpoint compiles almost nothing, so every test can
+afford a fresh model of its own.
+"""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from peftjax import models
+from peftjax.models import registry
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
+    """``tiny_checkpoint(preset, task, num_labels=3)`` -> folder, built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def make(preset: str, task: str, num_labels: int = 3) -> Path:
+        key = (preset, task, num_labels)
+        if key not in cache:
+            config = models.PRESETS[preset]
+            hf_dict = config.to_hf_dict()
+            hf_dict.update(id2label={str(i): f"LABEL_{i}" for i in range(num_labels)})
+            hf_dict.pop("label2id")
+            family = registry.family(config.model_type)
+            model_cls = registry.model_class(config.model_type, task)
+            architecture = family.hf_prefix + model_cls.hf_architecture_suffix
+            torch.manual_seed(len(cache))
+            reference = getattr(transformers, architecture)(
+                transformers.AutoConfig.for_model(**hf_dict)
+            )
+            folder = tmp_path_factory.mktemp(f"{preset}-{task}")
+            reference.save_pretrained(folder)
+            cache[key] = folder
+        return cache[key]
+
+    return make
