@@ -14,7 +14,7 @@ from peftjax.core.inject import (
 )
 from peftjax.core.labels import PeftOptimizer, make_optimizer, param_labels
 from peftjax.errors import PeftError
-from peftjax.methods import registered_methods
+from peftjax.methods import import_all, registered_methods
 from peftjax.methods.base import FROZEN, AdapterWrapper, MethodConfig, config_from_dict, register_method
 from peftjax.train.state import TrainState, TrainStep, make_train_step
 from peftjax.variables import AdapterBuffer, AdapterParam
@@ -49,6 +49,8 @@ __all__ = [
     "summary",
     "unmerge",
 ]
+
+import_all()
 
 # Every registered method's config is exported under its class name
 # (peftjax.LoraConfig, ...), so a new method file needs no edit here.

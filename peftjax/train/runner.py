@@ -96,6 +96,7 @@ def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
 
 
 def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
+    data_lib.check_data_files(config.data)
     kind = config.data.source.split(":", 1)[0]
     tokenizer = None
     if config.data.task != "image_classification" and kind != "synthetic":

