@@ -84,14 +84,20 @@ def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
     from the placed parameters so that its buffers sit where they do."""
     specs = parameter_specs(state.model(), mesh)
     trainable = _place(state.trainable, specs, mesh)
-    opt_state = jax.jit(state.tx.init)(trainable)
-    restored = jax.tree.map(lambda fresh, old: jax.device_put(old, fresh.sharding), opt_state, state.opt_state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def on_mesh(fresh, old):
+        # Moments inherit their parameter's layout; counters XLA left on one device are replicated.
+        placed = isinstance(fresh.sharding, NamedSharding) and fresh.sharding.mesh == mesh
+        return jax.device_put(old, fresh.sharding if placed else replicated)
+
+    restored = jax.tree.map(on_mesh, jax.jit(state.tx.init)(trainable), state.opt_state)
     return state.replace(
         trainable=trainable,
         frozen=_place(state.frozen, specs, mesh),
         rest=_place(state.rest, {}, mesh),
         opt_state=restored,
-        step=jax.device_put(state.step, NamedSharding(mesh, PartitionSpec())),
+        step=jax.device_put(state.step, replicated),
     )
 
 
