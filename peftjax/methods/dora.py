@@ -119,4 +119,3 @@ class DoraLinear(LoraLinear):
             kernel[...].astype(jnp.float32), self.layout.kernel_spec, 1 / gain, axes=self.layout.out_axes
         )
         kernel[...] = (adapted - self.delta_kernel()).astype(kernel.dtype)
-

@@ -108,7 +108,9 @@ class IA3Linear(AdapterWrapper):
         if not self.adds_output:
             return self.base(x)
         if self.scales_input:
-            return self.base(self.layout.scale(x, self.layout.input_spec, self.ia3_l[...].astype(x.dtype), axes=self.axes))
+            return self.base(
+                self.layout.scale(x, self.layout.input_spec, self.ia3_l[...].astype(x.dtype), axes=self.axes)
+            )
         y = self.base(x)
         return self.layout.scale(y, self.layout.output_spec, self.ia3_l[...].astype(y.dtype), axes=self.axes)
 
@@ -137,7 +139,9 @@ class IA3Linear(AdapterWrapper):
     def _merge(self) -> None:
         vector = self.ia3_l[...].astype(jnp.float32)
         if not bool(jnp.all(vector != 0)):
-            raise PeftError(f"{type(self).__name__}: l has a zero entry, so unmerge could not divide it out; not merging")
+            raise PeftError(
+                f"{type(self).__name__}: l has a zero entry, so unmerge could not divide it out; not merging"
+            )
         self._rescale(vector, divide=False)
 
     def _unmerge(self) -> None:

@@ -3,10 +3,11 @@
 NF4 is the information-theoretically optimal 4-bit code for normally
 distributed weights: its 16 values are quantiles of N(0, 1), rescaled to
 [-1, 1], with an exact zero. Following the paper (and bitsandbytes), 8
-non-negative values come from ``delta = 1/2 (1/(2*15) + 1/(2*16))``-trimmed
-quantiles of the positive half and 7 from the negative half:
+non-negative and 7 negative values are quantiles at evenly spaced
+probabilities between 1/2 and p_max = 1 - delta, with
+delta = 1/2 (1/30 + 1/32) so that the outermost quantiles are finite:
 
-    q_i = Phi^-1(p_i) / Phi^-1(p_max),   p_max = 1 - delta = 0.9677...
+    q = Phi^-1(p) / Phi^-1(p_max),   p in linspace(p_max, 1/2, 9)[:-1] (and 8 for the negatives)
 
 A weight tensor is flattened and cut into blocks of ``B = 64`` elements. Each
 block keeps its absolute maximum c_j (fp32) and 4-bit indices into the code:
@@ -25,8 +26,7 @@ codes in blocks of ``B2 = 256`` with one fp32 scale per block:
 which costs 8 / 64 + 32 / (64 * 256) = 0.127 bits per weight instead of 0.5:
 4.127 bits in all, the paper's figure. bitsandbytes stores the 8-bit scale
 codes in its "dynamic" 8-bit float map; we store them as linear int8, which
-takes the same memory and, on the narrow range of centred scales, is at least
-as precise.
+takes the same memory and errs by at most half a step, s_k / 2, per scale.
 
 The rounding error of one weight is at most half the gap between the two code
 values around it, times its block's scale: ``max_error_factor()`` is the

@@ -72,7 +72,11 @@ class ParamSelectionConfig(MethodConfig):
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
         selected = self.selected_params(model)
         if not selected:
-            scope = "" if self.targets is None and not self.exclude else f" (targets={self.targets!r}, exclude={self.exclude!r})"
+            scope = (
+                ""
+                if self.targets is None and not self.exclude
+                else f" (targets={self.targets!r}, exclude={self.exclude!r})"
+            )
             raise PeftError(
                 f"{type(self).__name__} selects no parameter of this {type(model).__name__}{scope}: "
                 f"it trains {self.describe_selection()}, and the model has none"

@@ -106,7 +106,9 @@ class VeraConfig(MethodConfig):
             layout = KernelLayout.of(layer)
             a = buffer("A", layout.down_shape(self.rank), layout.fan_in, layer.param_dtype)
             b = buffer("B", layout.up_shape(self.rank), self.rank, layer.param_dtype)
-            wrappers.append(VeraLinear(module, self, projection_a=a, projection_b=b, adapter_name=adapter_name, rngs=rngs))
+            wrappers.append(
+                VeraLinear(module, self, projection_a=a, projection_b=b, adapter_name=adapter_name, rngs=rngs)
+            )
         return wrappers
 
 
@@ -138,7 +140,9 @@ class VeraLinear(AdapterWrapper):
             return y
         dtype = self.base_layer.dtype or x.dtype
         h = x if self.dropout is None else self.dropout(x)
-        h = self.layout.project_down(h.astype(dtype), self.projection_a[...].astype(dtype)) * self.scale_d[...].astype(dtype)
+        h = self.layout.project_down(h.astype(dtype), self.projection_a[...].astype(dtype)) * self.scale_d[...].astype(
+            dtype
+        )
         h = self.layout.project_up(h, self.projection_b[...].astype(dtype))
         h = self.layout.scale(h, self.layout.output_spec, self.scale_b[...].astype(dtype), axes=self.layout.out_axes)
         return y + h.astype(y.dtype)

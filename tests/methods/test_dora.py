@@ -109,7 +109,9 @@ def test_einsum_layer_merge_and_formula():
     x = jax.random.normal(jax.random.key(3), (2, 5, 8))
     w = layer.base.kernel[...]
     v = w + layer.scale * jnp.einsum("dz,znh->dnh", layer.lora_a[...], layer.lora_b[...])
-    expected = jnp.einsum("btd,dnh->btnh", x, layer.magnitude[...] * v / jnp.linalg.norm(v, axis=0)) + layer.base.bias[...]
+    expected = (
+        jnp.einsum("btd,dnh->btnh", x, layer.magnitude[...] * v / jnp.linalg.norm(v, axis=0)) + layer.base.bias[...]
+    )
     np.testing.assert_allclose(model(x), expected, atol=1e-5)
     peftjax.merge(model)
     np.testing.assert_allclose(model(x), expected, atol=1e-5)

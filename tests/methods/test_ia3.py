@@ -111,7 +111,7 @@ def test_bert_targets_and_feedforward_by_regex():
 
 
 def test_config_checks():
-    with pytest.raises(PeftError, match="feedforward.*must be among targets"):
+    with pytest.raises(PeftError, match=r"feedforward.*must be among targets"):
         IA3Config(targets=["key", "value"], feedforward=["down"])
     with pytest.raises(PeftError, match="feedforward"):
         IA3Config(targets="all-linear", feedforward="all-linear")

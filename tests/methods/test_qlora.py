@@ -64,7 +64,10 @@ def test_double_quantisation_error_adds_at_most_half_an_int8_step():
     assert (np.abs(np.asarray(approx) - np.asarray(absmax)) <= step / 2 * (1 + 1e-5)).all()
     # Per weight: |x - code * c~| <= half_gap * c + |c - c~| (|code| <= 1).
     back = nf4.dequantize_nf4(codes, approx, size=x.size).reshape(x.shape)
-    per_weight = lambda a: np.repeat(np.asarray(a), 64)[: x.size].reshape(x.shape)  # noqa: E731
+
+    def per_weight(per_block):
+        return np.repeat(np.asarray(per_block), 64)[: x.size].reshape(x.shape)
+
     bound = nf4.max_error_factor() * per_weight(absmax) + per_weight(np.abs(approx - absmax))
     assert (np.abs(np.asarray(x) - np.asarray(back)) <= bound + 1e-6).all()
 
@@ -99,8 +102,11 @@ def test_count_is_base_plus_adapter_with_kernels_counted_logically():
     count = peftjax.count_params(model)
     c = model.config
     kv = c.num_key_value_heads * c.head_dim
-    lora = c.num_hidden_layers * 4 * ((c.hidden_size + c.hidden_size) + (c.hidden_size + kv)
-                                      + (c.intermediate_size + c.hidden_size))
+    lora = (
+        c.num_hidden_layers
+        * 4
+        * ((c.hidden_size + c.hidden_size) + (c.hidden_size + kv) + (c.intermediate_size + c.hidden_size))
+    )
     assert count == (lora, base_total + lora)
     assert "trainable params: " in peftjax.summary(model)
 
@@ -130,7 +136,7 @@ def test_merge_is_refused_and_the_model_is_unchanged(toy, toy_batch):
     peftjax.apply(toy, QLoraConfig(rank=2, targets=["query"]))
     x, _ = toy_batch
     before = toy(x)
-    with pytest.raises(PeftError, match="cannot merge.*QLoraLinear"):
+    with pytest.raises(PeftError, match=r"cannot merge.*QLoraLinear"):
         peftjax.merge(toy)
     assert not any(w.merged for _, w in peftjax.iter_wrappers(toy))
     np.testing.assert_array_equal(toy(x), before)
