@@ -138,8 +138,6 @@ ROWS += [
     # VeRA: r + out per layer (the shared random matrices are buffers).
     Row.of("vera-toy-all-linear", "toy", peftjax.VeraConfig(rank=8, targets="all-linear"),
            lambda m: sum(n * (8 + d_out) for n, _, d_out in TOY_ALL_LINEAR), mergeable=True),
-    Row.of("vera-bert-qv", "bert-tiny", peftjax.VeraConfig(rank=16, targets=["query", "value"]),
-           lambda m: 2 * bert(m)[0] * (16 + bert(m)[1]), mergeable=True),
     # QLoRA: LoRA's count; the base is its 4-bit copy, so identity is against the quantised base.
     Row.of("qlora-toy-double-quant", "toy", peftjax.QLoraConfig(rank=4, targets="all-linear"),
            lambda m: lora_count(4, *TOY_ALL_LINEAR), identity_to_disabled=True),
@@ -158,8 +156,6 @@ ROWS += [
            lambda m: llama(m)[0] * 2 * llama(m)[1] + llama(m)[1], mergeable=True),  # RMSNorm: scale only
     Row.of("linear-probe-bert", "bert-tiny", peftjax.LinearProbeConfig(),
            lambda m: bert(m)[1] * 2 + 2, mergeable=True),
-    Row.of("linear-probe-llama", "llama-tiny-cls", peftjax.LinearProbeConfig(),
-           lambda m: llama(m)[1] * 2, mergeable=True),  # the score head has no bias
     Row.of("full-toy", "toy", peftjax.FullFineTuningConfig(),
            lambda m: 2 * (4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16) + 2 * 16) + 16 + 1, mergeable=True),
 ]
