@@ -32,14 +32,15 @@ FORMAT_VERSION = 1
 
 
 def _trainable_variables(model: nnx.Module) -> dict[str, nnx.Param]:
-    labels = param_labels(model)
+    # Inactive adapters too: load_adapter re-creates every saved adapter and needs all their parameters.
+    labels = param_labels(model, freeze_inactive=False)
     return {
         dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and labels[dotted(p)] != FROZEN
     }
 
 
 def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
-    """``{dotted path: array}`` of every parameter the default labels train."""
+    """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)."""
     return {name: np.asarray(jax.device_get(v.get_value())) for name, v in _trainable_variables(model).items()}
 
 

@@ -227,5 +227,9 @@ def delete_adapter(model: nnx.Module, name: str) -> nnx.Module:
     for where, wrapper in doomed:
         path = paths[where]
         _assign(_parent(model, path), path[-1], wrapper.base)
-    setattr(model, METHODS_ATTR, tuple((n, c) for n, c in applied_methods(model) if n != name))
+    remaining = tuple((n, c) for n, c in applied_methods(model) if n != name)
+    if remaining:
+        setattr(model, METHODS_ATTR, remaining)
+    else:  # the graph definition of the model before any apply: jit caches and TrainStates match it again
+        delattr(model, METHODS_ATTR)
     return model

@@ -52,14 +52,18 @@ def _rule_matches(matcher: str | type, path: str, variable: nnx.Variable) -> boo
     raise PeftError(f"a label rule's matcher must be a path regex or a Variable type, got {matcher!r}")
 
 
-def param_labels(model: nnx.Module, rules: Sequence[LabelRule] | None = None) -> dict[str, str]:
+def param_labels(
+    model: nnx.Module, rules: Sequence[LabelRule] | None = None, *, freeze_inactive: bool = True
+) -> dict[str, str]:
     """``{dotted parameter path: label}`` for every ``nnx.Param`` in ``model``.
 
+    ``freeze_inactive=False`` labels inactive adapters as if they were active
+    (what an adapter file must hold, since loading re-creates every adapter).
     Raises ``PeftError`` naming the first parameter no rule covers.
     """
     in_force = label_rules(model, rules)
     # An inactive adapter's own parameters do not train, whatever the rules say.
-    inactive = [p + "." for p, w in iter_wrappers(model) if not w.active]
+    inactive = [p + "." for p, w in iter_wrappers(model) if not w.active] if freeze_inactive else []
     labels = {}
     for path, variable in nnx.iter_graph(model):
         if not isinstance(variable, nnx.Param):
