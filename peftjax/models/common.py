@@ -245,13 +245,19 @@ def run_layers(
 
     ``nnx.remat`` is applied per layer so the backward pass keeps only layer
     inputs, trading one extra forward per layer for activation memory.
+    ``graph_updates=False`` because the layers do not change their graph
+    structure; Variable values (dropout RNG counters) still propagate, and
+    unchanged Variables are not written back, so a model merged inside a
+    JAX transform from outer-level state works with remat exactly as it
+    does without (the default would rewrite every Variable, which NNX
+    forbids across trace levels).
     """
 
     def apply(layer: nnx.Module, x: Array, *layer_args: Array) -> Array:
         return layer(x, *layer_args)
 
     if remat:
-        apply = nnx.remat(apply)
+        apply = nnx.remat(apply, graph_updates=False)
     for layer in layers:
         x_btd = apply(layer, x_btd, *args)
     return x_btd

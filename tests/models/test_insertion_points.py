@@ -271,9 +271,10 @@ def test_prepended_token_embeddings_equal_a_longer_input(build, name, task):
 
 def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled(build):
     model = build("vit-tiny", "image-classification")
-    pixels = jax.random.normal(jax.random.key(0), (2, 3, 32, 32))
+    rng = np.random.default_rng(0)
+    pixels = jnp.asarray(rng.normal(size=(2, 3, 32, 32)), jnp.float32)
     before = run(model, {"pixel_values": pixels})
-    prefix = jax.random.normal(jax.random.key(1), (1, 4, 32))
+    prefix = jnp.asarray(rng.normal(size=(1, 4, 32)), jnp.float32)
     replace_points(model, {InputEmbeddings: lambda path: PrependEmbeddings(prefix, False)})
     hidden = run(model, {"pixel_values": pixels})
     np.testing.assert_allclose(hidden.logits, before.logits, atol=TOL, rtol=0)
@@ -300,7 +301,7 @@ def test_masked_out_key_value_prefix_changes_nothing(build, name):
     config = model.config
     heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
     shape = (2, 5, heads, config.hidden_size // config.num_attention_heads)
-    keys = jax.random.normal(jax.random.key(2), shape)
+    keys = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
     replace_points(model, {
         AttentionKeyValue: lambda path: PrependKeyValue(keys, -keys, visible=False)
     })

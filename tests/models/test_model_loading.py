@@ -154,8 +154,15 @@ def test_from_config_initialises_like_transformers():
 
 
 def test_loaded_model_is_in_eval_mode_and_train_enables_dropout(bert_folder):
+    """Dropout is off after loading, on after ``train()``, with fresh masks per call.
+
+    Built with remat, whose per-layer transform must carry the dropout RNG
+    counters out, or every call would reuse the same masks.
+    """
     model = models.from_pretrained(
-        bert_folder, seed=rbg_key(0), config_overrides={"hidden_dropout_prob": 0.3}
+        bert_folder,
+        seed=rbg_key(0),
+        config_overrides={"hidden_dropout_prob": 0.3, "remat": True},
     )
     first = forward(model, IDS, MASK).logits
     np.testing.assert_array_equal(first, forward(model, IDS, MASK).logits)
@@ -168,18 +175,28 @@ def test_loaded_model_is_in_eval_mode_and_train_enables_dropout(bert_folder):
 
 
 def test_remat_changes_memory_not_results(llama_folder):
-    plain = models.from_pretrained(llama_folder)
-    remat = models.from_pretrained(llama_folder, config_overrides={"remat": True})
+    """Same loss and gradients; the backward program recomputes each layer."""
+    one_layer = {"num_hidden_layers": 1}  # a cheaper program to compile, twice
+    plain = models.from_pretrained(llama_folder, config_overrides=one_layer)
+    remat = models.from_pretrained(llama_folder, config_overrides={**one_layer, "remat": True})
     assert remat.config.remat
 
-    @nnx.jit
-    def loss_and_grads(model):
-        def loss(model):
-            return jnp.mean(model(IDS, MASK).logits ** 2)
+    def loss(model):
+        return jnp.mean(model(IDS, MASK).logits ** 2)
 
+    def loss_and_grads(model):
         return nnx.value_and_grad(loss)(model)
 
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(plain), loss_and_grads(remat)
+    def backward_program(model) -> str:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        grad = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))
+        return str(jax.make_jaxpr(grad)(params))
+
+    assert "remat" in backward_program(remat) and "remat" not in backward_program(plain)
+    (loss_a, grads_a), (loss_b, grads_b) = (
+        nnx.jit(loss_and_grads)(plain),
+        nnx.jit(loss_and_grads)(remat),
+    )
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
