@@ -28,7 +28,7 @@ from flax import nnx
 
 from peftjax.config import ExperimentConfig
 from peftjax.core.adapter_io import load_adapter, save_adapter
-from peftjax.core.counting import count_params
+from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
 from peftjax.core.labels import make_optimizer
 from peftjax.errors import PeftError
@@ -287,6 +287,8 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     out = check_output_dir(config, resume=resume)
     started = time.perf_counter()
     prep = prepare(config)
+    if progress:  # the counts at start-up, as a reader checks them before trusting a run
+        tqdm.write(summary(prep.model, prep.optimizer.labels))
     loop = config.train
     mesh = make_mesh(fsdp=fsdp)
     state = TrainState.create(prep.model, prep.optimizer)
