@@ -22,6 +22,10 @@ Merge writes g * (W + s B A) into the kernel and keeps the norm it used in an
 ``AdapterBuffer``; unmerge inverts it, W = W' / g - s B A, to float32
 rounding. Everything else (A, B, their initialisation, scaling, LoRA+) is
 LoRA's: the config subclasses ``LoraConfig`` and the wrapper ``LoraLinear``.
+
+DoRA must be the first adapter on a module: its norm is of the base kernel,
+and merging an adapter below it would change that kernel, so merged and
+unmerged models would differ. Adapters stacked on top of DoRA are fine.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftError
-from peftjax.methods.base import register_method
+from peftjax.methods.base import AdapterWrapper, register_method
 from peftjax.methods.lora import LoraConfig, LoraLinear
 from peftjax.variables import AdapterBuffer, AdapterParam
 
@@ -60,6 +64,12 @@ class DoraLinear(LoraLinear):
     """An ``nnx.Linear`` or ``nnx.Einsum`` with a DoRA-adapted kernel."""
 
     def __init__(self, base: nnx.Module, config: DoraConfig, *, adapter_name: str, rngs: nnx.Rngs):
+        if isinstance(base, AdapterWrapper):
+            raise PeftError(
+                "DoRA normalises the base kernel, so it must be the first adapter on a module (merging an adapter "
+                f"below it would change that kernel); this one is already wrapped by {type(base).__name__} "
+                f"(adapter {base.adapter_name!r})"
+            )
         super().__init__(base, config, adapter_name=adapter_name, rngs=rngs)
         param_dtype = self.base_layer.param_dtype
         self.magnitude = DoraMagnitude(self.adapted_norms().astype(param_dtype))
@@ -72,10 +82,10 @@ class DoraLinear(LoraLinear):
 
     def _base_product(self, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
         """W x without the bias, for the dropped-out input ``x``: read off the
-        base output ``y`` when that is the plain layer applied to ``x`` (no
-        dropout, no stacked adapter below), else one more matmul."""
+        base output ``y`` without dropout (then ``x`` is what the base saw),
+        else one more matmul."""
         layer = self.base_layer
-        if self.base is layer and self.dropout is None:
+        if self.dropout is None:
             bias = getattr(layer, "bias", None)
             if bias is None:
                 return y

@@ -127,6 +127,18 @@ def test_zero_magnitude_refuses_to_merge():
     assert not layer.merged
 
 
+def test_dora_must_be_the_first_adapter_on_a_module(toy, unchanged):
+    """Stacked on another adapter, DoRA's merge would normalise a kernel that
+    already holds the other adapter's update: refused. On top of DoRA is fine."""
+    peftjax.apply(toy, peftjax.LoraConfig(rank=2, targets=["query"]))
+    check = unchanged(toy)
+    with pytest.raises(PeftError, match="first adapter"):
+        peftjax.apply(toy, DoraConfig(rank=2, targets=["query"]), adapter_name="dora", stack=True)
+    check()
+    peftjax.apply(toy, DoraConfig(rank=2, targets=["value"]), adapter_name="dora")
+    peftjax.apply(toy, peftjax.IA3Config(targets=["value"]), adapter_name="ia3", stack=True)
+
+
 def test_dora_takes_loras_fields_and_round_trips():
     config = DoraConfig(rank=4, alpha=16, targets=["query"], rslora=True, loraplus_lr_ratio=8.0)
     assert config.scale == 8.0
