@@ -140,3 +140,12 @@ def test_config_round_trip_and_default_targets():
     config = PromptTuningConfig(num_virtual_tokens=3, init="text", init_text_ids=[4, 5])
     assert config.targets == ("input_embeddings",) and config.init_text_ids == (4, 5)
     assert peftjax.config_from_dict(config.to_dict()) == config
+
+
+def test_bert_refuses_positions_past_its_table_instead_of_returning_nan():
+    model = from_config("bert-tiny", num_labels=2, seed=0)  # max_position_embeddings=128
+    peftjax.apply(model, PromptTuningConfig(num_virtual_tokens=20))
+    model.eval()
+    assert jnp.isfinite(model(jnp.full((1, 108), 5)).logits).all()
+    with pytest.raises(ValueError, match=r"109 tokens \+ 20 prepended .* up to 128, but max_position_embeddings=128"):
+        model(jnp.full((1, 109), 5))
