@@ -132,10 +132,12 @@ def make_optimizer(
     Frozen parameters get ``optax.set_to_zero()``: no optimizer state at all.
     """
     labels = param_labels(model, rules)
+    # A method's multiplier may name a label no parameter has now (LoRA+ with its
+    # adapter inactive): unused. The caller's own must name labels that exist.
     multipliers = {k: v for _, c in applied_methods(model) for k, v in c.lr_multipliers().items()}
     multipliers.update(lr_multipliers or {})
     transforms = dict(transforms or {})
-    unknown = sorted((set(transforms) | set(multipliers)) - set(labels.values()))
+    unknown = sorted((set(transforms) | set(lr_multipliers or {})) - set(labels.values()))
     if unknown:
         raise PeftError(f"transforms/lr_multipliers name labels no parameter has: {unknown}; labels: {sorted(set(labels.values()))}")
     per_label = {}

@@ -58,3 +58,15 @@ def test_config():
     assert peftjax.config_from_dict(config.to_dict()) == config
     with pytest.raises(PeftError, match="loraplus_lr_ratio"):
         LoraConfig(targets=["query"], loraplus_lr_ratio=0.0)
+
+
+def test_an_inactive_loraplus_adapter_does_not_break_the_optimizer(toy):
+    """With its adapter inactive, no parameter carries LoRA+'s label: the
+    method's multiplier goes unused instead of being an error."""
+    peftjax.apply(toy, LoraConfig(rank=2, targets=["query"], loraplus_lr_ratio=RATIO), adapter_name="plus")
+    peftjax.apply(toy, peftjax.IA3Config(targets=["key"]), adapter_name="ia3")
+    peftjax.set_active_adapters(toy, ["ia3"])
+    optimizer = peftjax.make_optimizer(toy, optax.sgd(0.1))
+    assert LORAPLUS_B_LABEL not in optimizer.labels.values()
+    with pytest.raises(PeftError, match="no parameter has"):
+        peftjax.make_optimizer(toy, optax.sgd(0.1), lr_multipliers={LORAPLUS_B_LABEL: 2.0})
