@@ -45,7 +45,11 @@ def _eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host; see README)")
+                        help="call jax.distributed.initialize() first (multi-host; see README); on SLURM, "
+                             "Open MPI and TPU pods it finds the cluster by itself")
+    parser.add_argument("--coordinator", help="with --distributed: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="with --distributed: how many processes in all")
+    parser.add_argument("--process-id", type=int, help="with --distributed: this process's index")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment config")
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from peftjax.errors import PeftError
 
     try:
