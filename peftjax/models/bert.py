@@ -224,10 +224,13 @@ class BertEmbeddings(nnx.Module):
             # The table lookup returns NaN past its end instead of failing: refuse it here.
             first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
             if first + seq_len + extra > self.config.max_position_embeddings:
-                prepended = f" + {extra} prepended (e.g. prompt tuning's virtual tokens)" if extra else ""
+                prepended = (
+                    f" + {extra} prepended (e.g. prompt tuning's virtual tokens)" if extra else ""
+                )
                 raise ValueError(
-                    f"{seq_len} tokens{prepended} need position ids up to {first + seq_len + extra - 1}, but "
-                    f"max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
+                    f"{seq_len} tokens{prepended} need position ids up to "
+                    f"{first + seq_len + extra - 1}, but max_position_embeddings="
+                    f"{self.config.max_position_embeddings}; shorten the input."
                 )
             position_ids_bt = self._default_positions(input_ids_bt, mask_bt_new, extra)
         else:

@@ -91,7 +91,8 @@ class RopeParameters:
             )
         if params["rope_type"] not in ROPE_TYPES:
             raise ValueError(
-                f"rope_type={params['rope_type']!r} is not supported; choose one of {list(ROPE_TYPES)}."
+                f"rope_type={params['rope_type']!r} is not supported; "
+                f"choose one of {list(ROPE_TYPES)}."
             )
         if params["rope_type"] == "llama3":
             params.setdefault(

@@ -59,8 +59,9 @@ def test_llama_8b_is_sized_abstractly():
 
 def test_llama_1b_is_llama_3_2_1b():
     config = models.PRESETS["llama-1b"]
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (2048, 16, 32)
-    assert (config.num_key_value_heads, config.intermediate_size, config.vocab_size) == (8, 8192, 128256)
+    assert (config.hidden_size, config.num_hidden_layers) == (2048, 16)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
+    assert (config.intermediate_size, config.vocab_size) == (8192, 128256)
     assert config.tie_word_embeddings
     assert config.rope_parameters.rope_type == "llama3"
     assert config.rope_parameters.rope_theta == 500000.0
@@ -122,7 +123,8 @@ def test_qwen2_and_mistral_configs_keep_their_family_fields():
     back = transformers.Qwen2Config(**qwen.to_hf_dict())
     assert list(back.layer_types) == list(qwen.layer_types)
 
-    mistral = models.LlamaConfig.from_hf_dict(transformers.MistralConfig(sliding_window=8).to_dict())
+    mistral_dict = transformers.MistralConfig(sliding_window=8).to_dict()
+    mistral = models.LlamaConfig.from_hf_dict(mistral_dict)
     assert mistral.layer_window(0) == 8 and mistral.num_key_value_heads == 8
 
 
