@@ -173,3 +173,29 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "peftjax.cli", "train", str(path), "--quiet"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "peftjax: error: output_dir" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bf16_remat_and_accumulation_keep_fp32_adapters(tmp_path):
+    """bf16 compute with fp32 adapter weights and optimizer state, remat and
+    gradient accumulation through the same runner."""
+    config = load(write_config(tmp_path, data={"eval_split": None, "test_split": None},
+                               train={"precision": "bf16", "remat": True, "grad_accum": 2, "steps": 4,
+                                      "checkpoint_every": 0, "eval_every": 0}))
+    result = run(config, progress=False)
+    assert result["steps"] == 4
+    adapter = load_file(str(pathlib.Path(config.output_dir) / "adapter" / "adapter_model.safetensors"))
+    assert {a.dtype for a in adapter.values()} == {np.dtype("float32")}
+    lines = [json.loads(x) for x in (pathlib.Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
+
+
+def test_causal_lm_through_the_runner(tmp_path):
+    config = load(write_config(
+        tmp_path,
+        model={"name": "llama-tiny"},
+        methods=[{"type": "lora", "targets": ["q_proj", "v_proj"], "rank": 2}],
+        data={"task": "causal_lm", "label_column": None, "test_split": None},
+        train={"steps": 6, "eval_every": 0, "checkpoint_every": 0},
+    ))
+    result = run(config, progress=False)
+    assert 0 < result["metrics"]["eval_loss"] < 10 and "eval_accuracy" in result["metrics"]
