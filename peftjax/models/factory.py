@@ -31,53 +31,89 @@ _LLAMA3_ROPE = dict(
     high_freq_factor=4.0,
     original_max_position_embeddings=8192,
 )
+_LLAMA3_SHARED = dict(
+    vocab_size=128256,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+_TINY_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+_ROBERTA = dict(
+    model_type="roberta",
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 
 PRESETS: Mapping[str, registry.ModelConfig] = {
-    # google-bert/bert-base-uncased and bert-large-uncased.
+    # google-bert/bert-base-uncased and google-bert/bert-large-uncased.
     "bert-base": BertConfig(),
-    "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                             intermediate_size=4096),
+    "bert-large": BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     # FacebookAI/roberta-base.
-    "roberta-base": BertConfig(model_type="roberta", vocab_size=50265, max_position_embeddings=514,
-                               type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
-                               bos_token_id=0, eos_token_id=2),
+    "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, **_ROBERTA),
     # meta-llama/Llama-3.2-1B.
     "llama-1b": LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        head_dim=64,
+        tie_word_embeddings=True,
         rope_parameters=RopeParameters(factor=32.0, **_LLAMA3_ROPE),
-        bos_token_id=128000, eos_token_id=128001,
+        **_LLAMA3_SHARED,
     ),
     # meta-llama/Llama-3.1-8B.
     "llama-8b": LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        head_dim=128,
+        tie_word_embeddings=False,
         rope_parameters=RopeParameters(factor=8.0, **_LLAMA3_ROPE),
-        bos_token_id=128000, eos_token_id=128001,
+        **_LLAMA3_SHARED,
     ),
     # google/vit-base-patch16-224.
     "vit-base": ViTConfig(),
     # Test-sized members of each family.
-    "bert-tiny": BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=128),
-    "roberta-tiny": BertConfig(model_type="roberta", vocab_size=1000, hidden_size=32,
-                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                               max_position_embeddings=130, type_vocab_size=1,
-                               layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
-                               eos_token_id=2),
+    "bert-tiny": BertConfig(max_position_embeddings=128, **_TINY_TEXT),
+    "roberta-tiny": BertConfig(max_position_embeddings=130, **_TINY_TEXT, **_ROBERTA),
     "llama-tiny": LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
-        rope_parameters=RopeParameters(**{**_LLAMA3_ROPE, "factor": 32.0,
-                                          "original_max_position_embeddings": 64}),
+        rope_parameters=RopeParameters(
+            **{**_LLAMA3_ROPE, "factor": 32.0, "original_max_position_embeddings": 64}
+        ),
     ),
-    "vit-tiny": ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, image_size=32, patch_size=8),
+    "vit-tiny": ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    ),
 }
 
 

@@ -244,7 +244,7 @@ class LlamaConfig:
         if self.model_type == "mistral" and (qkv or out or self.mlp_bias):
             raise ValueError("LlamaConfig for model_type 'mistral' has no biases.")
         if self.model_type != "llama" and self.mlp_bias:
-            raise ValueError(f"LlamaConfig.mlp_bias is only expressible for model_type 'llama'.")
+            raise ValueError("LlamaConfig.mlp_bias is only expressible for model_type 'llama'.")
 
     @property
     def base_model_prefix(self) -> str:

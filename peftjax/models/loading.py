@@ -5,10 +5,10 @@ models mirror transformers' attribute names), so mapping is mechanical: the
 leaf name becomes ``weight``/``bias`` and linear (and conv) kernels are
 transposed from torch's (out, in) layout. Loading builds the model abstractly
 with ``nnx.eval_shape``, checks every checkpoint shape before reading any
-tensor, reads tensors one at a time, and initialises for real only what the
-checkpoint lacks (a new head, dropout RNG state) inside one ``jax.jit`` whose
-unused outputs XLA prunes, so a large model is never randomly initialised
-first.
+tensor, and reads tensors one at a time. Only parameters the checkpoint lacks
+(a new head) are initialised for real, inside one ``jax.jit`` whose unused
+outputs XLA prunes, so a large model is never randomly initialised first;
+dropout RNG streams are seeded directly.
 """
 
 from __future__ import annotations
@@ -226,7 +226,9 @@ def _weight_files(folder: Path, config: Mapping[str, Any]) -> dict[str, Path]:
             )
         raise CheckpointNotFoundError(
             f"No *.safetensors weights in checkpoint folder {str(folder)!r}; expected "
-            f"{WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} with its shards."
+            f"{WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} with its shards. A Hub repository that "
+            "only publishes pytorch_model.bin must be converted once with transformers' "
+            "save_pretrained (which writes safetensors)."
         )
     files = {}
     for shard in shards:

@@ -8,17 +8,19 @@ afford a fresh model of its own.
 """
 
 import os
-from collections.abc import Callable
-from pathlib import Path
 
-import pytest
-import torch
-import transformers
-
-from peftjax import models
-from peftjax.models import registry
-
+# Before transformers/huggingface_hub read it: these tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from peftjax import models  # noqa: E402
+from peftjax.models import registry  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ from peftjax import models
 
 ATOL = 1e-4  # max abs difference to transformers in float32
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def minilm_path() -> str:
     """The packaged MiniLM folder; on CI its absence is a failure, elsewhere a skip."""
@@ -48,7 +46,7 @@ def max_diff(ours, theirs: torch.Tensor) -> float:
 
 def test_minilm_real_weights_match_transformers():
     path = minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     batch = tokenizer(
         ["A short one.", "A much longer sentence, so the first one is padded in this batch."],
         padding=True,
@@ -66,7 +64,7 @@ def test_minilm_real_weights_match_transformers():
         jnp.asarray(batch["token_type_ids"]),
     )
 
-    reference = transformers.BertModel.from_pretrained(path).eval()
+    reference = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
     with torch.no_grad():
         theirs = reference(**to_torch(batch))
     assert max_diff(ours.last_hidden_state, theirs.last_hidden_state) < ATOL
