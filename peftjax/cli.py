@@ -1,8 +1,9 @@
-"""The ``peftjax`` command: ``train`` and ``eval`` (later: ``bench``, ``rank-search``)."""
+"""The ``peftjax`` command: ``train``, ``eval`` and ``rank-search`` (later: ``bench``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -42,6 +43,23 @@ def _eval(args) -> int:
     return 0
 
 
+def _rank_search(args) -> int:
+    from peftjax.rank_search import load_rank_search, run_rank_search
+
+    config, sweep = load_rank_search(args.config, args.overrides)
+    if args.mode:
+        sweep = dataclasses.replace(sweep, mode=args.mode)
+    flags = ["--mode", args.mode] if args.mode else []
+    flags += ["--compare-sequential"] if args.compare_sequential else []
+    command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
+    payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
+                              log=(lambda line: None) if args.quiet else print, command=command)
+    print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
+                      "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
+                     indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
     parser.add_argument("--distributed", action="store_true",
@@ -65,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*")
     evaluate.add_argument("--checkpoint", required=True, help="an adapter folder (OUTPUT/best or OUTPUT/adapter)")
     evaluate.set_defaults(handler=_eval)
+
+    search = commands.add_parser("rank-search", help="train LoRA at many ranks x target sets x seeds; report")
+    search.add_argument("config", help="experiment YAML with one LoRA method and a 'sweep:' section")
+    search.add_argument("overrides", nargs="*", help="key.sub=value overrides (sweep.* included)")
+    search.add_argument("--mode", choices=("batched", "sequential"), help="override sweep.mode")
+    search.add_argument("--compare-sequential", action="store_true",
+                        help="also train every point the other way, for the wall-time ratio batched/sequential")
+    search.add_argument("--overwrite", action="store_true", help="replace an earlier rank search in output_dir")
+    search.add_argument("--quiet", action="store_true", help="no per-program log lines")
+    search.set_defaults(handler=_rank_search)
     return parser
 
 

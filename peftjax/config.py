@@ -877,6 +877,7 @@ def load_config(
     *,
     check_files: bool = True,
     method_validator: Callable[[Mapping[str, Any]], Any] | None = None,
+    split_sections: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Reads, overrides and validates an experiment config file (YAML or JSON).
 
@@ -885,11 +886,16 @@ def load_config(
     ``check_files`` every local data file the config names must exist (checked
     now, not an hour into a run). ``method_validator`` (for example
     ``peftjax.methods.config_from_dict``) is called on each method spec; its
-    errors become ConfigErrors naming ``methods.N``.
+    errors become ConfigErrors naming ``methods.N``. ``split_sections`` names
+    top-level sections another command owns (``peftjax rank-search``'s
+    ``sweep``): each key's value is set to that section as the file and the
+    overrides give it (None if absent), and the section is left out here.
     """
     path = pathlib.Path(path)
     overrides = list(overrides)
     tree = _apply_overrides_to_tree(_read_tree(path), overrides)
+    for key in split_sections or {}:
+        split_sections[key] = tree.pop(key, None)
     try:
         config = ExperimentConfig.from_dict(tree)
     except ConfigError as error:

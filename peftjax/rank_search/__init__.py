@@ -1,0 +1,34 @@
+"""Rank search: LoRA at many ranks and target sets, trained batched or one at a time.
+
+* ``config``: the ``sweep:`` section (``SweepConfig``), named target sets per model
+  family, and the checks that name the key at fault;
+* ``batched``: K ranks in one jitted program over one shared base
+  (``build_batched_state``, ``BatchedTrainStep``, ``MaskedLoraLinear``);
+* ``sweep``: ``run_rank_search``, what ``peftjax rank-search`` runs;
+* ``report``: ``report.md`` and plots from the results.
+"""
+
+from peftjax.rank_search.batched import (
+    BatchedLoraState,
+    BatchedTrainStep,
+    MaskedLoraLinear,
+    Member,
+    build_batched_state,
+    member_factors,
+)
+from peftjax.rank_search.config import SweepConfig, SweepError, TargetSet, load_rank_search
+from peftjax.rank_search.sweep import run_rank_search
+
+__all__ = [
+    "BatchedLoraState",
+    "BatchedTrainStep",
+    "MaskedLoraLinear",
+    "Member",
+    "SweepConfig",
+    "SweepError",
+    "TargetSet",
+    "build_batched_state",
+    "load_rank_search",
+    "member_factors",
+    "run_rank_search",
+]

@@ -1,0 +1,350 @@
+"""``report.md`` and PNG plots of a rank search, from its JSON payload alone.
+
+Everything here reads ``rank_search.json``'s payload (``sweep.run_rank_search``
+returns it), so a report can be rewritten from saved results:
+``write_report(json.loads(path.read_text()), folder)``.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PLOTS_DIR = "plots"
+REPORT_FILE = "report.md"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _bytes(value: int | None) -> str:
+    return "null (CPU)" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def _by_target_set(summary: Sequence[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for entry in summary:
+        grouped.setdefault(entry["target_set"], []).append(entry)
+    return grouped
+
+
+# ----------------------------------------------------------------------------
+# Plots.
+# ----------------------------------------------------------------------------
+
+
+def plot_metric_vs_rank(payload: dict, path: pathlib.Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target_set, entries in _by_target_set(payload["summary"]).items():
+        ranks = [e["rank"] for e in entries]
+        ax.errorbar(ranks, [e["mean"] for e in entries], yerr=[e["std"] for e in entries], marker="o", capsize=3,
+                    label=target_set)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel(f"{payload['sweep']['metric']} (mean ± std over seeds)")
+    ax.set_title("Metric vs rank")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(payload: dict, path: pathlib.Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target_set, entries in _by_target_set(payload["summary"]).items():
+        xs, ys = [e["trainable_params"] for e in entries], [e["mean"] for e in entries]
+        ax.scatter(xs, ys, label=target_set)
+        for e in entries:
+            ax.annotate(f"r{e['rank']}", (e["trainable_params"], e["mean"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    front = payload["pareto"]
+    if front:
+        ax.step([p["trainable_params"] for p in front], [p["mean"] for p in front], where="post", color="black",
+                linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(payload["sweep"]["metric"])
+    ax.set_title("Trainable parameters vs metric")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_spectra(payload: dict, path: pathlib.Path) -> None:
+    plt = _pyplot()
+    spectra = payload["spectra"]
+    fig, axes = plt.subplots(1, max(len(spectra), 1), figsize=(5 * max(len(spectra), 1), 3.8), squeeze=False)
+    for ax, (target_set, by_rank) in zip(axes[0], spectra.items()):
+        for rank, values in by_rank.items():
+            ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=f"r={rank}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("sigma_i / sigma_1 of Delta W")
+        ax.set_title(f"{target_set}: mean over modules and seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_similarity(payload: dict, path: pathlib.Path) -> bool:
+    grids = payload["similarity"].get("grid") or {}
+    if not grids:
+        return False
+    plt = _pyplot()
+    small, large = payload["similarity"]["grid_ranks"]
+    fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 3.2), squeeze=False)
+    for ax, (target_set, grid) in zip(axes[0], grids.items()):
+        image = ax.imshow(np.asarray(grid), aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower",
+                          extent=(0.5, large + 0.5, 0.5, small + 0.5))
+        ax.set_xlabel(f"j (top directions of A, r={large})")
+        ax.set_ylabel(f"i (r={small})")
+        ax.set_title(f"{target_set}: phi(A_r={small}, A_r={large}, i, j)")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_effective_rank(payload: dict, path: pathlib.Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target_set, entries in _by_target_set(payload["summary"]).items():
+        ranks = [e["rank"] for e in entries]
+        line = ax.plot(ranks, [e["effective_rank_99"] for e in entries], marker="o", label=f"{target_set}, 99%")
+        ax.plot(ranks, [e["effective_rank_90"] for e in entries], marker="s", linestyle="--",
+                color=line[0].get_color(), label=f"{target_set}, 90%")
+    ranks = sorted({e["rank"] for e in payload["summary"]})
+    ax.plot(ranks, ranks, color="gray", linewidth=0.8, label="= r")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("effective rank of Delta W")
+    ax.set_title("Energy-based effective rank (mean over modules, seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# The markdown.
+# ----------------------------------------------------------------------------
+
+
+def _setup_lines(payload: dict) -> list[str]:
+    config, sweep = payload["config"], payload["sweep"]
+    data, train, method = config["data"], config["train"], config["methods"][0]
+    rows = payload["rows"]
+    steps = rows[0]["steps"] if rows else "?"
+    length = f"{train['steps']} steps" if train.get("steps") else f"{train['epochs']} epoch(s)"
+    lines = [
+        f"- model `{config['model']['name']}`; data `{data['source']}` (train `{data['train_split']}`"
+        + (f", first {data['max_train_rows']} rows" if data.get("max_train_rows") and data["row_selection"] == "first"
+           else (f", {data['max_train_rows']} rows sampled (seed {data['row_seed']})" if data.get("max_train_rows")
+                 else ""))
+        + f"; eval `{data.get('eval_split')}`; test `{data.get('test_split')}`), max_length {data['max_length']}",
+        f"- training: {length} = {steps} optimizer steps of batch {train['batch_size']} x grad_accum "
+        f"{train['grad_accum']}; {config['optim']['name']}, schedule {config['schedule']['decay']}, "
+        f"precision {train['precision']}",
+        f"- LoRA template: alpha {method.get('alpha')}, rslora {method.get('rslora', False)}, dropout "
+        f"{method.get('dropout', 0.0)}, also_train {method.get('also_train', [])}",
+        f"- swept: ranks {sweep['ranks']}, target sets {list(payload['target_sets'])}, seeds {sweep['seeds']}, "
+        f"learning rates {sweep['learning_rates'] or config['optim']['learning_rate']}"
+        + (f" (best on `{sweep['select_metric']}`)" if isinstance(sweep["learning_rates"], list)
+           and len(sweep["learning_rates"]) > 1 else ""),
+        "- target sets: " + "; ".join(f"`{name}` = `{targets}`" for name, targets in payload["target_sets"].items()),
+        f"- trained with mode `{payload['mode']}`; device `{payload['versions'].get('device')}`",
+    ]
+    if payload.get("command"):
+        lines.insert(0, f"- command: `{payload['command']}`")
+    return lines
+
+
+def _results_table(payload: dict) -> list[str]:
+    metric = payload["sweep"]["metric"]
+    lines = [
+        f"| target set | rank | lr | {metric} (mean ± std, n) | trainable params | step time (s, whole program) "
+        "| step time / member (s) | peak memory |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for e in payload["summary"]:
+        flag = "" if e["all_finite"] else " (non-finite loss)"
+        lines.append(
+            f"| {e['target_set']} | {e['rank']} | {e['learning_rate']:g} | {_fmt(e['mean'])} ± {_fmt(e['std'])} "
+            f"({e['seeds']}){flag} | {e['trainable_params']:,} | {_fmt(e['step_time_s'], 3)} "
+            f"(K={e['members_in_program']}) | {_fmt(e['step_time_per_member_s'], 3)} | "
+            f"{_bytes(e['peak_memory_bytes'])} |"
+        )
+    return lines
+
+
+def _pivot(payload: dict) -> list[str]:
+    grouped = _by_target_set(payload["summary"])
+    ranks = sorted({e["rank"] for e in payload["summary"]})
+    lines = ["| rank | " + " | ".join(grouped) + " |", "| ---: |" + " --- |" * len(grouped)]
+    for rank in ranks:
+        cells = []
+        for entries in grouped.values():
+            found = next((e for e in entries if e["rank"] == rank), None)
+            cells.append("" if found is None else f"{_fmt(found['mean'])} ± {_fmt(found['std'])}")
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _effective_rank_table(payload: dict) -> list[str]:
+    lines = ["| target set | rank | effective rank, 90% energy | effective rank, 99% energy |",
+             "| --- | ---: | ---: | ---: |"]
+    for e in payload["summary"]:
+        lines.append(f"| {e['target_set']} | {e['rank']} | {_fmt(e['effective_rank_90'], 2)} | "
+                     f"{_fmt(e['effective_rank_99'], 2)} |")
+    return lines
+
+
+def _similarity_lines(payload: dict) -> list[str]:
+    sim = payload["similarity"]
+    lines = []
+    if sim["across_ranks"]:
+        lines += [
+            f"Rank r vs rank {sim['largest_rank']} at the same seed (mean over modules and seeds). "
+            "phi(i', j') = ||U_i'^T U_j'||_F^2 / min(i', j') over top singular directions in input space; "
+            "`A`: of A (Hu et al. 2021, section 7.2); `dW`: of Delta W = s A B (the directions the update reads); "
+            "random: the expectation max(i', j') / d for random subspaces.",
+            "",
+            "| target set | r | phi_A(1,1) | phi_A(r,r) | phi_dW(1,1) | phi_dW(r,r) | random (1,1) | random (r,r) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in sim["across_ranks"]:
+            lines.append(
+                f"| {s['target_set']} | {s['rank']} | {_fmt(s['phi_A_top1'], 3)} | {_fmt(s['phi_A_top_r'], 3)} | "
+                f"{_fmt(s['phi_dW_top1'], 3)} | {_fmt(s['phi_dW_top_r'], 3)} | {_fmt(s['random_top1'], 3)} | "
+                f"{_fmt(s['random_top_r'], 3)} |"
+            )
+        lines.append("")
+    if sim["across_seeds"]:
+        lines += [
+            "Same rank, different seeds (mean over seed pairs and modules):",
+            "",
+            "| target set | r | phi_A(1,1) | phi_A(r,r) | phi_dW(1,1) | phi_dW(r,r) | random (r,r) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in sim["across_seeds"]:
+            lines.append(
+                f"| {s['target_set']} | {s['rank']} | {_fmt(s['phi_A_top1'], 3)} | {_fmt(s['phi_A_top_r'], 3)} | "
+                f"{_fmt(s['phi_dW_top1'], 3)} | {_fmt(s['phi_dW_top_r'], 3)} | {_fmt(s['random_top_r'], 3)} |"
+            )
+        lines.append("")
+    lines += _similarity_notes(sim)
+    return lines
+
+
+def _similarity_notes(sim: dict) -> list[str]:
+    """A sentence or two per target set, written from the numbers."""
+    notes = []
+    for target_set in sorted({s["target_set"] for s in sim["across_ranks"]}):
+        rows = [s for s in sim["across_ranks"] if s["target_set"] == target_set]
+        top = max(rows, key=lambda s: s["phi_dW_top1"])
+        ratio_a = np.mean([s["phi_A_top_r"] / s["random_top_r"] for s in rows])
+        ratio_dw = np.mean([s["phi_dW_top_r"] / s["random_top_r"] for s in rows])
+        notes.append(
+            f"- `{target_set}`: the strongest Delta W direction of rank {top['rank']} and rank "
+            f"{sim['largest_rank']} overlap with phi = {top['phi_dW_top1']:.3f} (random {top['random_top1']:.4f}). "
+            f"Over the ranks, phi(r, r) is {ratio_a:.1f}x the random expectation on A and {ratio_dw:.1f}x on "
+            "Delta W."
+        )
+    if notes:
+        notes.append(
+            "- A starts random (B at zero) and short runs move it little, so phi on A stays near the random level "
+            "unless training is long; Delta W's directions are the ones B learned to use, so they show the shared "
+            "subspace first."
+        )
+    return notes
+
+
+def _timing_lines(payload: dict) -> list[str]:
+    timing = payload["timing"]
+    lines = ["| mode | wall (s) | setup (s) | first steps incl. compile (s) | training (s) | evaluation (s) | "
+             "load before (1/5/15 min) | load after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for mode in ("batched", "sequential"):
+        if mode not in timing:
+            continue
+        t = timing[mode]
+        before, after = t["load_before"], t["load_after"]
+        lines.append(
+            f"| {mode} | {t['wall_s']:.0f} | {t['setup_s_total']:.0f} | {t['first_step_s_total']:.0f} | "
+            f"{t['train_s_total']:.0f} | {t['eval_s_total']:.0f} | {before['loadavg_1m']:.1f}/"
+            f"{before['loadavg_5m']:.1f}/{before['loadavg_15m']:.1f} on {before['cpu_count']} CPUs | "
+            f"{after['loadavg_1m']:.1f}/{after['loadavg_5m']:.1f}/{after['loadavg_15m']:.1f} |"
+        )
+    if "batched_over_sequential" in timing:
+        lines += ["", f"**Wall-time ratio batched / sequential: {timing['batched_over_sequential']:.3f}** "
+                      "(the same points, one invocation)."]
+    agreement = payload.get("agreement")
+    if agreement:
+        parts = [f"{k.removeprefix('max_abs_diff_')} {v:.2e}" for k, v in agreement.items() if k != "points"]
+        lines += ["", f"Batched vs sequential, same {agreement['points']} points, largest absolute difference: "
+                      + ", ".join(parts) + "."]
+    return lines
+
+
+def write_report(payload: dict[str, Any], out: pathlib.Path, *, notes: Sequence[str] = ()) -> pathlib.Path:
+    """Write ``report.md`` and ``plots/*.png`` into ``out``; returns the report's path."""
+    out = pathlib.Path(out)
+    plots = out / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_metric_vs_rank(payload, plots / "metric_vs_rank.png")
+    plot_pareto(payload, plots / "pareto.png")
+    plot_spectra(payload, plots / "spectra.png")
+    plot_effective_rank(payload, plots / "effective_rank.png")
+    has_similarity = plot_similarity(payload, plots / "similarity.png")
+    metric = payload["sweep"]["metric"]
+    lines = [f"# Rank search: {payload['config']['name']}", "", *_setup_lines(payload), ""]
+    lines += [f"## {metric} by rank and target set", "", *_pivot(payload), "", "![metric vs rank]"
+              f"({PLOTS_DIR}/metric_vs_rank.png)", "", "### Every (target set, rank)", "", *_results_table(payload),
+              "", "Step time is the mean wall time of one optimizer step after the first (which compiles); in "
+              "batched mode one step trains all K members of the program, so the per-member figure is the "
+              "program's step time / K. Peak memory is the device's peak so far (XLA reports none on CPU).", ""]
+    lines += ["## Pareto front: trainable parameters vs " + metric, ""]
+    lines += [f"- {p['target_set']} r={p['rank']}: {p['trainable_params']:,} params, {_fmt(p['mean'])} ± "
+              f"{_fmt(p['std'])}" for p in payload["pareto"]]
+    lines += ["", f"![Pareto front]({PLOTS_DIR}/pareto.png)", ""]
+    lines += ["## Spectrum and effective rank of the learned Delta W", "",
+              "Singular values of Delta W = s A B per adapted module (float64, through the factors); the effective "
+              "rank is the fewest singular values holding 90% / 99% of sum(sigma^2).", "",
+              *_effective_rank_table(payload), "", f"![spectra]({PLOTS_DIR}/spectra.png)", "",
+              f"![effective rank]({PLOTS_DIR}/effective_rank.png)", ""]
+    lines += ["## Subspace similarity", "", *_similarity_lines(payload), ""]
+    if has_similarity:
+        lines += [f"![similarity]({PLOTS_DIR}/similarity.png)", ""]
+    lines += ["## Timing", "", *_timing_lines(payload), ""]
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines))
+    return path

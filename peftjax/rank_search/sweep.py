@@ -1,0 +1,665 @@
+"""Run a rank search: every (target set, rank, seed, learning rate) trained and evaluated.
+
+Two ways to train the same points:
+
+* ``batched``: per seed, the data and the base model are prepared once
+  (``runner.prepare``); per target set, all ranks x rates are trained in one
+  jitted program (``peftjax.rank_search.batched``), each member evaluated with
+  ``runner.evaluate`` on the padded, masked model that computes its rank-r LoRA.
+* ``sequential``: each point is its own run, built as ``peftjax train`` builds
+  it (``prepare``: data, model, methods, optimizer; ``TrainState`` and
+  ``make_train_step``), without the run's checkpoints and logs.
+
+Both feed the same rows. Results, in the config's ``output_dir``:
+
+* ``rank_search.csv`` / ``.json``: one row per point (metrics, trainable
+  parameters, step time, peak memory: null on CPU), plus in the JSON the
+  per-(target set, rank) summary over seeds, the Pareto front, effective ranks,
+  subspace similarities, timings and machine load;
+* ``report.md`` and ``plots/*.png`` (``peftjax.rank_search.report``);
+* ``points/``: each point's learned factors (``.npz``), scratch for later analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from peftjax.analysis import lowrank
+from peftjax.config import ExperimentConfig, FrozenDict
+from peftjax.core.counting import count_params
+from peftjax.core.inject import delete_adapter
+from peftjax.core.paths import Targets
+from peftjax.methods.lora import LoraConfig
+from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
+from peftjax.rank_search.config import (
+    SweepConfig,
+    SweepError,
+    TargetSet,
+    adapted_modules,
+    check_ranks,
+    higher_is_better,
+    resolve_target_sets,
+    template_method,
+)
+from peftjax.train import runner
+from peftjax.train.data import BatchLoader
+from peftjax.train.sharding import global_batch, make_mesh, shard_state
+from peftjax.train.state import TrainState, make_train_step
+
+RESULTS_JSON = "rank_search.json"
+RESULTS_CSV = "rank_search.csv"
+SEQUENTIAL_CSV = "rank_search_sequential.csv"
+POINTS_DIR = "points"
+ENERGIES = (0.9, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of the sweep."""
+
+    target_set: str
+    rank: int
+    seed: int
+    learning_rate: float
+
+    @property
+    def name(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.target_set)
+        return f"{safe}-r{self.rank}-s{self.seed}-lr{self.learning_rate:g}"
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Point:
+        return cls(row["target_set"], row["rank"], row["seed"], row["learning_rate"])
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where one training run's time went."""
+
+    setup_s: float = 0.0  # data, model, adapters, optimizer state
+    first_step_s: float = 0.0  # the first step: compilation and one step
+    step_s: float = math.nan  # mean wall time of the later steps
+    train_s: float = 0.0  # all steps
+    eval_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------
+# Configs of points and groups.
+# ----------------------------------------------------------------------------
+
+
+def _with(config: ExperimentConfig, *, seed: int, learning_rate: float | None = None, methods=None) -> ExperimentConfig:
+    optim = config.optim if learning_rate is None else dataclasses.replace(config.optim, learning_rate=learning_rate)
+    return dataclasses.replace(
+        config,
+        methods=config.methods if methods is None else methods,
+        optim=optim,
+        train=dataclasses.replace(config.train, seed=seed),
+    )
+
+
+def point_config(config: ExperimentConfig, targets: Targets, point: Point) -> ExperimentConfig:
+    """The experiment config ``peftjax train`` would run for ``point``: the template
+    LoRA at the point's rank and targets, seeded (adapter init, head init, data
+    order and dropout) by the point's seed."""
+    spec = {**config.methods[0].to_dict(), "rank": point.rank, "targets": targets, "seed": point.seed}
+    return _with(config, seed=point.seed, learning_rate=point.learning_rate, methods=(FrozenDict(spec),))
+
+
+def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: float) -> list[Point]:
+    """Every point, grouped as the batched mode trains them: seed, target set, then rank and rate."""
+    return [
+        Point(target_set.name, rank, seed, lr)
+        for seed in sweep.seeds
+        for target_set in target_sets
+        for rank in sweep.ranks
+        for lr in sweep.rates_for(rank, default_lr)
+    ]
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation (shared by both modes).
+# ----------------------------------------------------------------------------
+
+
+def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing):
+    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members)."""
+    batches = loader.iterate()
+    losses = []
+    started = time.perf_counter()
+    state, metrics = step_fn(state, global_batch(next(batches), mesh))
+    losses.append(metrics["loss"])
+    jax.block_until_ready(metrics["loss"])
+    timing.first_step_s = time.perf_counter() - started
+    later = time.perf_counter()
+    for _ in range(total_steps - 1):
+        state, metrics = step_fn(state, global_batch(next(batches), mesh))
+        losses.append(metrics["loss"])
+    jax.block_until_ready(losses[-1])
+    now = time.perf_counter()
+    if total_steps > 1:
+        timing.step_s = (now - later) / (total_steps - 1)
+    timing.train_s = now - started
+    return state, np.asarray(jax.device_get(losses), np.float64)
+
+
+def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh) -> dict[str, float]:
+    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them."""
+    scores = {}
+    for split in ("eval", "test"):
+        if split in prep.task.splits:
+            loader = prep.task.eval_loader(config.train.eval_batch_size, split)
+            found = runner.evaluate(model, loader, prep.loss_fn, mesh)
+            scores.update({f"{split}_{k}": v for k, v in found.items()})
+    return scores
+
+
+def _module_kind(path: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``attention.self.query``."""
+    parts = path.split(".")
+    last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[last_index + 1 :]) or path
+
+
+@dataclasses.dataclass
+class PointResult:
+    """A trained point: its row, and its factors for the analysis."""
+
+    row: dict[str, Any]
+    factors: dict[str, tuple[np.ndarray, np.ndarray, float]]
+
+
+def _result(
+    point: Point,
+    target_set: TargetSet,
+    template: LoraConfig,
+    counts,
+    metrics: dict[str, float],
+    losses: np.ndarray,
+    timing: Timing,
+    *,
+    mode: str,
+    program: str,
+    members: int,
+    factors,
+) -> PointResult:
+    spectra = {path: lowrank.delta_singular_values(a, b, s) for path, (a, b, s) in factors.items()}
+    finite = bool(np.all(np.isfinite(losses)))
+    row = {
+        "mode": mode,
+        "program": program,
+        "target_set": point.target_set,
+        "targets": target_set.targets if isinstance(target_set.targets, str) else "+".join(target_set.targets),
+        "modules": len(factors),
+        "rank": point.rank,
+        "alpha": template.alpha,
+        "scale": dataclasses.replace(template, rank=point.rank).scale,
+        "seed": point.seed,
+        "learning_rate": point.learning_rate,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        **metrics,
+        "final_train_loss": float(losses[-1]),
+        "finite": finite,
+        "steps": len(losses),
+        "members_in_program": members,
+        "step_time_s": timing.step_s,
+        "step_time_per_member_s": timing.step_s / members,
+        "first_step_s": timing.first_step_s,
+        "setup_s": timing.setup_s,
+        "train_s": timing.train_s,
+        "eval_s": timing.eval_s,
+        "peak_memory_bytes": runner.peak_memory_bytes(),
+    }
+    for energy in ENERGIES:
+        ranks = [lowrank.effective_rank(sv, energy) for sv in spectra.values()]
+        row[f"effective_rank_{round(energy * 100)}"] = float(np.mean(ranks)) if ranks else math.nan
+    row["spectra"] = {path: sv.tolist() for path, sv in spectra.items()}
+    return PointResult(row, factors)
+
+
+def _points_of_group(points: Sequence[Point], seed: int, target_set: str) -> list[Point]:
+    return [p for p in points if p.seed == seed and p.target_set == target_set]
+
+
+def _chunks(items: Sequence, size: int | None) -> Iterator[Sequence]:
+    size = size or len(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_batched(
+    config: ExperimentConfig,
+    sweep: SweepConfig,
+    target_sets: Sequence[TargetSet],
+    points: Sequence[Point],
+    *,
+    log: Callable[[str], None],
+) -> Iterator[PointResult]:
+    """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members)."""
+    template = template_method(config)
+    mesh = make_mesh()
+    for seed in sweep.seeds:
+        started = time.perf_counter()
+        group_config = _with(config, seed=seed, methods=())
+        prep = runner.prepare(group_config)  # data, base model (head seeded), loader, steps, loss
+        data_s = time.perf_counter() - started
+        for target_set in target_sets:
+            group = _points_of_group(points, seed, target_set.name)
+            lora = dataclasses.replace(template, targets=target_set.targets, seed=seed)
+            for chunk_index, chunk in enumerate(_chunks(group, sweep.max_members)):
+                timing = Timing()
+                started = time.perf_counter()
+                members = [Member(p.rank, p.learning_rate) for p in chunk]
+
+                def make_tx(lr: float, _prep=prep):
+                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
+
+                state, counts = build_batched_state(prep.model, lora, members, make_tx)
+                state = state.replicated(mesh)
+                timing.setup_s = time.perf_counter() - started + data_s
+                data_s = 0.0  # the data and the model were loaded once for the seed: charged to its first program
+                step_fn = BatchedTrainStep(prep.loss_fn, grad_accum=config.train.grad_accum)
+                state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
+                for index, point in enumerate(chunk):
+                    started = time.perf_counter()
+                    model = state.member(index).model()
+                    metrics = _evaluate_splits(model, prep, config, mesh)
+                    timing_i = dataclasses.replace(timing, eval_s=time.perf_counter() - started)
+                    factors = member_factors(model)
+                    yield _result(point, target_set, template, counts[index], metrics, losses[:, index], timing_i,
+                                  mode="batched", program=f"batched-s{seed}-{target_set.name}-{chunk_index}",
+                                  members=len(chunk), factors=factors)
+                log(f"batched  seed={seed} {target_set.name:<12} ranks={[m.rank for m in members]} "
+                    f"first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step for {len(chunk)} members")
+                delete_adapter(prep.model, ADAPTER_NAME)  # the base again, for the next target set
+
+
+def run_sequential(
+    config: ExperimentConfig,
+    target_sets: Sequence[TargetSet],
+    points: Sequence[Point],
+    *,
+    log: Callable[[str], None],
+) -> Iterator[PointResult]:
+    """Train ``points`` one at a time, each as ``peftjax train`` builds a run."""
+    template = template_method(config)
+    targets_of = {t.name: t for t in target_sets}
+    mesh = make_mesh()
+    for point in points:
+        timing = Timing()
+        started = time.perf_counter()
+        target_set = targets_of[point.target_set]
+        cfg = point_config(config, target_set.targets, point)
+        prep = runner.prepare(cfg)
+        state = shard_state(TrainState.create(prep.model, prep.optimizer), mesh)  # as peftjax train lays it out
+        counts = count_params(prep.model, prep.optimizer.labels)
+        timing.setup_s = time.perf_counter() - started
+        step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
+        state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
+        started = time.perf_counter()
+        model = state.model()
+        metrics = _evaluate_splits(model, prep, cfg, mesh)
+        timing.eval_s = time.perf_counter() - started
+        log(f"sequential {point.name}: first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step")
+        yield _result(point, target_set, template, counts, metrics, losses, timing, mode="sequential",
+                      program=point.name, members=1, factors=member_factors(model))
+
+
+# ----------------------------------------------------------------------------
+# Summaries and analysis.
+# ----------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def select_learning_rates(rows: Sequence[dict], sweep: SweepConfig) -> dict[tuple[str, int], float]:
+    """Per (target set, rank): the rate with the best mean ``select_metric`` over seeds
+    (the only rate when rates are not tuned)."""
+    by_rate: dict[tuple[str, int], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        key = (row["target_set"], row["rank"])
+        by_rate[key][row["learning_rate"]].append(row.get(sweep.select_metric, math.nan))
+    better = higher_is_better(sweep.select_metric)
+    chosen = {}
+    for key, rates in by_rate.items():
+        if len(rates) == 1:
+            chosen[key] = next(iter(rates))
+            continue
+        means = {lr: float(np.mean(v)) for lr, v in rates.items()}
+        finite = {lr: m for lr, m in means.items() if math.isfinite(m)} or means
+        chosen[key] = (max if better else min)(finite, key=finite.get)
+    return chosen
+
+
+def summarize(rows: Sequence[dict], sweep: SweepConfig) -> list[dict[str, Any]]:
+    """One entry per (target set, rank) at its selected rate: the metric's mean and
+    std over seeds, parameters, timing, effective ranks."""
+    chosen = select_learning_rates(rows, sweep)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        key = (row["target_set"], row["rank"])
+        if row["learning_rate"] == chosen[key]:
+            groups[key].append(row)
+    summary = []
+    for (target_set, rank), group in groups.items():
+        mean, std = _mean_std([r.get(sweep.metric, math.nan) for r in group])
+        memory = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
+        entry = {
+            "target_set": target_set,
+            "rank": rank,
+            "learning_rate": chosen[(target_set, rank)],
+            "seeds": len(group),
+            "metric": sweep.metric,
+            "mean": mean,
+            "std": std,
+            "trainable_params": group[0]["trainable_params"],
+            "step_time_s": float(np.mean([r["step_time_s"] for r in group])),
+            "step_time_per_member_s": float(np.mean([r["step_time_per_member_s"] for r in group])),
+            "members_in_program": group[0]["members_in_program"],
+            "peak_memory_bytes": max(memory) if memory else None,
+            "all_finite": all(r["finite"] for r in group),
+        }
+        for energy in ENERGIES:
+            key = f"effective_rank_{round(energy * 100)}"
+            entry[key] = float(np.mean([r[key] for r in group]))
+        summary.append(entry)
+    order = {t.name: i for i, t in enumerate(sweep.target_sets)}
+    return sorted(summary, key=lambda e: (order.get(e["target_set"], len(order)), e["rank"]))
+
+
+def pareto(summary: Sequence[dict], sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The (target set, rank) entries on the front of trainable parameters vs the metric."""
+    front = lowrank.pareto_front([e["trainable_params"] for e in summary], [e["mean"] for e in summary],
+                                 higher_is_better=higher_is_better(sweep.metric))
+    return [{k: summary[i][k] for k in ("target_set", "rank", "trainable_params", "mean", "std")} for i in front]
+
+
+def _load_factors(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    with np.load(path) as data:
+        modules = sorted({key.rsplit("|", 1)[0] for key in data.files})
+        return {m: (data[f"{m}|A"], data[f"{m}|B"], float(data[f"{m}|scale"])) for m in modules}
+
+
+def _save_factors(path: pathlib.Path, factors: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> None:
+    arrays = {}
+    for module, (a, b, scale) in factors.items():
+        arrays[f"{module}|A"], arrays[f"{module}|B"], arrays[f"{module}|scale"] = a, b, np.float64(scale)
+    np.savez(path, **arrays)
+
+
+def similarities(rows: Sequence[dict], sweep: SweepConfig, points_dir: pathlib.Path) -> dict[str, Any]:
+    """Subspace similarity (Hu et al. 2021, section 7.2) between adapters.
+
+    Across ranks: each rank r vs the largest rank R at the same seed, over the
+    modules both adapt: phi(1, 1) (top directions) and phi(r, r) (all of rank
+    r's directions vs R's top r), on A's input-space singular vectors (the
+    paper's phi) and on Delta W's input-space singular vectors (what the update
+    reads). Across seeds: the same rank at two seeds. With the random-subspace
+    expectation max(i', j') / d beside each. Also the phi(i', j') grid of one
+    rank pair (8 vs R when 8 is swept), averaged over modules, for the plot.
+    """
+    chosen = select_learning_rates(rows, sweep)
+    picked = {(r["target_set"], r["rank"], r["seed"]): r for r in rows
+              if r["learning_rate"] == chosen[(r["target_set"], r["rank"])]}
+    largest = max(sweep.ranks)
+    grid_rank = 8 if 8 in sweep.ranks and largest > 8 else (sweep.ranks[-2] if len(sweep.ranks) > 1 else None)
+    result: dict[str, Any] = {"largest_rank": largest, "grid_ranks": [grid_rank, largest] if grid_rank else None,
+                              "across_ranks": [], "across_seeds": [], "grid": {}}
+    bases_cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def bases(target_set: str, rank: int, seed: int):
+        key = (target_set, rank, seed)
+        if key not in bases_cache:
+            row = picked.get(key)
+            file = points_dir / f"{Point.of(row).name}.npz" if row else None
+            if file is None or not file.exists():
+                bases_cache[key] = {}
+            else:
+                bases_cache[key] = {
+                    m: (lowrank.input_subspace(a), lowrank.delta_input_subspace(a, b))
+                    for m, (a, b, _) in _load_factors(file).items()
+                }
+        return bases_cache[key]
+
+    def compare(first, second, top: int) -> dict[str, float]:
+        modules = sorted(set(first) & set(second))
+        if not modules:
+            return {}
+        stats = defaultdict(list)
+        for m in modules:
+            (a1, d1), (a2, d2) = first[m], second[m]
+            dim = a1.shape[0]
+            stats["phi_A_top1"].append(lowrank.subspace_similarity(a1, a2, 1, 1))
+            stats["phi_A_top_r"].append(lowrank.subspace_similarity(a1, a2, top, top))
+            stats["phi_dW_top1"].append(lowrank.subspace_similarity(d1, d2, 1, 1))
+            stats["phi_dW_top_r"].append(lowrank.subspace_similarity(d1, d2, top, top))
+            stats["random_top1"].append(lowrank.random_similarity(1, 1, dim))
+            stats["random_top_r"].append(lowrank.random_similarity(top, top, dim))
+        return {k: float(np.mean(v)) for k, v in stats.items()} | {"modules": len(modules)}
+
+    for target_set in [t.name for t in sweep.target_sets]:
+        for rank in sweep.ranks:
+            if rank < largest:
+                found = [compare(bases(target_set, rank, s), bases(target_set, largest, s), rank) for s in sweep.seeds]
+                found = [f for f in found if f]
+                if found:
+                    result["across_ranks"].append({"target_set": target_set, "rank": rank, "vs_rank": largest,
+                                                   **_average(found)})
+            if len(sweep.seeds) > 1:
+                pairs = [(a, b) for i, a in enumerate(sweep.seeds) for b in sweep.seeds[i + 1 :]]
+                found = [compare(bases(target_set, rank, a), bases(target_set, rank, b), rank) for a, b in pairs]
+                found = [f for f in found if f]
+                if found:
+                    result["across_seeds"].append({"target_set": target_set, "rank": rank, "seed_pairs": len(found),
+                                                   **_average(found)})
+        if grid_rank:
+            first, second = bases(target_set, grid_rank, sweep.seeds[0]), bases(target_set, largest, sweep.seeds[0])
+            modules = sorted(set(first) & set(second))
+            if modules:
+                grids = [lowrank.similarity_grid(first[m][0], second[m][0]) for m in modules]
+                result["grid"][target_set] = np.mean(grids, axis=0).tolist()
+    return result
+
+
+def _average(found: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([f[k] for f in found])) for k in found[0]}
+
+
+def mean_spectra(rows: Sequence[dict], sweep: SweepConfig) -> dict[str, dict[int, list[float]]]:
+    """Per target set and rank (selected rate): sigma_i / sigma_1 of Delta W, averaged
+    over modules and seeds."""
+    chosen = select_learning_rates(rows, sweep)
+    collected: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["learning_rate"] != chosen[(row["target_set"], row["rank"])]:
+            continue
+        for values in row["spectra"].values():
+            values = np.asarray(values)
+            if values.size and values[0] > 0:
+                collected[row["target_set"]][row["rank"]].append(values / values[0])
+    return {t: {r: np.mean(v, axis=0).tolist() for r, v in sorted(by_rank.items())} for t, by_rank in collected.items()}
+
+
+def _agreement(first: Sequence[dict], second: Sequence[dict], metric_names: Sequence[str]) -> dict[str, Any]:
+    """How far the batched and the sequential rows of the same points are apart."""
+    key = lambda r: (r["target_set"], r["rank"], r["seed"], r["learning_rate"])  # noqa: E731
+    others = {key(r): r for r in second}
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for row in first:
+        other = others.get(key(row))
+        if other is None:
+            continue
+        for name in [*metric_names, "final_train_loss"]:
+            if name in row and name in other:
+                diffs[name].append(abs(row[name] - other[name]))
+    return {f"max_abs_diff_{k}": float(np.max(v)) for k, v in diffs.items() if v} | {"points": len(first)}
+
+
+# ----------------------------------------------------------------------------
+# The command.
+# ----------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "mode", "target_set", "targets", "modules", "rank", "alpha", "scale", "seed", "learning_rate",
+    "trainable_params", "total_params", "eval_accuracy", "eval_loss", "test_accuracy", "test_loss",
+    "final_train_loss", "finite", "steps", "members_in_program", "step_time_s", "step_time_per_member_s",
+    "first_step_s", "setup_s", "train_s", "eval_s", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
+)  # fmt: skip
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
+    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+
+
+def _machine_load() -> dict[str, Any]:
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen, "cpu_count": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def check_output_dir(config: ExperimentConfig, *, overwrite: bool) -> pathlib.Path:
+    out = pathlib.Path(config.output_dir)
+    if (out / RESULTS_JSON).exists() and not overwrite:
+        raise SweepError(f"{out} already holds a rank search ({RESULTS_JSON}); pass --overwrite or set "
+                         "output_dir=... to another folder", "output_dir")
+    try:
+        (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SweepError(f"{out} is not writable ({err.strerror}); set output_dir=... to a writable folder",
+                         "output_dir") from None
+    return out
+
+
+def validate_against_model(config: ExperimentConfig, sweep: SweepConfig) -> list[TargetSet]:
+    """The checks that need the model: known target sets, ranks within every kernel's min(d, k)."""
+    task, _ = runner.load_task(config)
+    model = runner.build_model(config, task.num_labels)
+    template = template_method(config)
+    target_sets = resolve_target_sets(sweep, model)
+    for index, target_set in enumerate(target_sets):
+        check_ranks(sweep.ranks, adapted_modules(model, template, target_set, index), target_set)
+    return target_sets
+
+
+def run_rank_search(
+    config: ExperimentConfig,
+    sweep: SweepConfig,
+    *,
+    compare_sequential: bool = False,
+    overwrite: bool = False,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the sweep (``sweep.mode``; with ``compare_sequential`` also the other way
+    round for the wall-time ratio) and write the results; returns the JSON payload."""
+    out = check_output_dir(config, overwrite=overwrite)
+    target_sets = validate_against_model(config, sweep)
+    points = _plan(sweep, target_sets, config.optim.learning_rate)
+    primary = sweep.mode
+    modes = [primary] + ([m for m in ("batched", "sequential") if m != primary] if compare_sequential else [])
+    log(f"rank search: {len(points)} points ({len(sweep.ranks)} ranks x {len(target_sets)} target sets x "
+        f"{len(sweep.seeds)} seeds x rates), modes {modes}, output {out}")
+    rows_by_mode: dict[str, list[dict]] = {}
+    timing: dict[str, Any] = {}
+    for mode in modes:
+        load_before = _machine_load()
+        started = time.perf_counter()
+        results = (run_batched(config, sweep, target_sets, points, log=log) if mode == "batched"
+                   else run_sequential(config, target_sets, points, log=log))
+        rows = []
+        for result in results:
+            rows.append(result.row)
+            if mode == primary:
+                _save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
+        timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
+                        "load_after": _machine_load(),
+                        "first_step_s_total": float(sum(r["first_step_s"] for r in _unique_programs(rows))),
+                        "train_s_total": float(sum(r["train_s"] for r in _unique_programs(rows))),
+                        "setup_s_total": float(sum(r["setup_s"] for r in _unique_programs(rows))),
+                        "eval_s_total": float(sum(r["eval_s"] for r in rows))}
+        rows_by_mode[mode] = rows
+        log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
+    if len(modes) == 2:
+        timing["batched_over_sequential"] = timing["batched"]["wall_s"] / timing["sequential"]["wall_s"]
+    rows = rows_by_mode[primary]
+    summary = summarize(rows, sweep)
+    payload = {
+        "command": command,
+        "config": config.to_dict(),
+        "sweep": sweep.to_dict(),
+        "target_sets": {t.name: t.targets if isinstance(t.targets, str) else list(t.targets) for t in target_sets},
+        "mode": primary,
+        "rows": [_without_spectra(r) for r in rows],
+        "summary": summary,
+        "pareto": pareto(summary, sweep),
+        "spectra": mean_spectra(rows, sweep),
+        "similarity": similarities(rows, sweep, out / POINTS_DIR),
+        "timing": timing,
+        "versions": runner.versions(),
+    }
+    if "sequential" in rows_by_mode and primary != "sequential":
+        payload["sequential_rows"] = [_without_spectra(r) for r in rows_by_mode["sequential"]]
+        payload["agreement"] = _agreement(rows, rows_by_mode["sequential"], [sweep.metric])
+    write_csv(out / RESULTS_CSV, rows)
+    if "sequential" in rows_by_mode and primary != "sequential":
+        write_csv(out / SEQUENTIAL_CSV, rows_by_mode["sequential"])
+    staging = out / f".{RESULTS_JSON}.tmp"
+    staging.write_text(json.dumps(_finite_or_null(payload), indent=1, default=_json_default, allow_nan=False))
+    os.replace(staging, out / RESULTS_JSON)
+    if report:
+        from peftjax.rank_search.report import write_report
+
+        write_report(payload, out)
+    return payload
+
+
+def _without_spectra(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as written: per-module singular values are summarised, not listed."""
+    return {k: v for k, v in row.items() if k != "spectra"}
+
+
+def _unique_programs(rows: Sequence[dict]) -> list[dict]:
+    """One row per trained program (members of a batched program share its timing)."""
+    return list({row["program"]: row for row in rows}.values())
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
