@@ -17,6 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 from peftjax import models
 
+import tiny_checkpoints  # tests/models helper (see its docstring)
+
 IDS = jnp.asarray([[4, 8, 15, 16, 23, 42], [7, 12, 40, 3, 0, 0]])
 MASK = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
@@ -24,6 +26,11 @@ MASK = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 @nnx.jit
 def forward(model, input_ids, attention_mask):
     return model(input_ids, attention_mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return tiny_checkpoints.checkpoint_factory(tmp_path_factory)
 
 
 def rbg_key(seed: int) -> jax.Array:

@@ -1,10 +1,12 @@
-"""Shared fixtures for the reference-model tests.
+"""Tiny random checkpoints for the reference-model tests.
 
-Tiny random checkpoints are written by transformers PyTorch, whose
-initialisation costs milliseconds, instead of by ``from_config``, whose
-first random initialisation in a process compiles dozens of small XLA
-programs. Loading a checkpoint compiles almost nothing, so every test can
+They are written by transformers PyTorch, whose initialisation costs
+milliseconds, instead of by ``from_config``, whose first random
+initialisation in a process compiles dozens of small XLA programs. Loading a checkpoint compiles almost nothing, so every test can
 afford a fresh model of its own.
+
+This is a plain module, not a ``conftest.py``: tests elsewhere import the
+root conftest by module name, which a second conftest would shadow.
 """
 
 import os
@@ -15,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -23,9 +24,8 @@ from peftjax import models  # noqa: E402
 from peftjax.models import registry  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
-    """``tiny_checkpoint(preset, task, num_labels=3)`` -> folder, built once per session."""
+def checkpoint_factory(tmp_path_factory) -> Callable[..., Path]:
+    """``make(preset, task, num_labels=3)`` -> folder, each built once per factory."""
     cache: dict[tuple, Path] = {}
 
     def make(preset: str, task: str, num_labels: int = 3) -> Path:
