@@ -1,4 +1,4 @@
-"""The ``peftjax`` command: ``train``, ``eval`` and ``rank-search`` (later: ``bench``)."""
+"""The ``peftjax`` command: ``train``, ``eval``, ``rank-search`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def _rank_search(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from peftjax.bench import BenchSpec, charts, run_bench, table, write_json
+
+    spec = BenchSpec(model=args.model, methods=tuple(args.methods.split(",")), batch=args.batch, seq=args.seq,
+                     dtype=args.dtype, param_dtype=args.param_dtype, abstract=args.abstract, steps=args.steps,
+                     warmup=args.warmup, task=args.task, dropout=args.dropout)
+    rows = run_bench(spec, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    if args.charts:
+        prefix = args.chart_prefix or (Path(args.json).stem if args.json else Path(args.model).name)
+        for path in charts(rows, args.charts, prefix):
+            print(f"chart: {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
     parser.add_argument("--distributed", action="store_true",
@@ -93,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--overwrite", action="store_true", help="replace an earlier rank search in output_dir")
     search.add_argument("--quiet", action="store_true", help="no per-program log lines")
     search.set_defaults(handler=_rank_search)
+
+    bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
+    bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, ...), minilm, or a folder")
+    bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype")
+    bench.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32", help="parameter storage dtype")
+    bench.add_argument("--task", choices=("classification", "causal_lm"), help="default: the model family's own")
+    bench.add_argument("--abstract", action="store_true", help="shapes only: FLOPs and memory plan, no timing")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    bench.add_argument("--dropout", action="store_true", help="keep the model's dropout rates (default: 0)")
+    bench.add_argument("--json", help="write the rows to this JSON file")
+    bench.add_argument("--charts", help="write PNG charts to this folder")
+    bench.add_argument("--chart-prefix", help="chart file names' prefix (default: the JSON file's stem)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
