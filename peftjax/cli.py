@@ -43,6 +43,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _log_line(line: str) -> None:
+    """A progress line with the time of day, flushed: long runs are followed in a log file."""
+    import time
+
+    print(time.strftime("%H:%M:%S"), line, flush=True)
+
+
 def _rank_search(args) -> int:
     from peftjax.rank_search import load_rank_search, run_rank_search
 
@@ -53,7 +60,7 @@ def _rank_search(args) -> int:
     flags += ["--compare-sequential"] if args.compare_sequential else []
     command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
     payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
-                              log=(lambda line: None) if args.quiet else print, command=command)
+                              log=(lambda line: None) if args.quiet else _log_line, command=command)
     print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
                       "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
                      indent=2))

@@ -290,6 +290,7 @@ def build_batched_state(
     make_tx: Callable[[float], optax.GradientTransformation],
     *,
     adapter_name: str = ADAPTER_NAME,
+    reuse_static: _Static | None = None,
 ) -> tuple[BatchedLoraState, list[ParamCount]]:
     """Stack ``members`` (ranks and rates of ``template``) over one base ``model``.
 
@@ -299,6 +300,12 @@ def build_batched_state(
     what ``apply(model, replace(template, rank=r))`` draws. Returns the state
     and each member's parameter counts (as its own rank-r model counts them).
     ``model`` is left with the padded, masked adapter applied.
+
+    ``reuse_static``: an earlier state's ``static`` (graph definition and
+    optimizer), used when this state's graph is the same, so that a
+    ``BatchedTrainStep`` finds its compiled program instead of compiling again
+    (another seed of the same sweep: same members, optimizer config and steps).
+    The caller vouches that ``make_tx`` builds the same optimizer as before.
     """
     if not members:
         raise PeftError("a batched program needs at least one member")
@@ -313,7 +320,9 @@ def build_batched_state(
         counts.append(count_params(model, optimizer.labels))
         delete_adapter(model, adapter_name)
 
-    apply(model, dataclasses.replace(template, rank=padded_rank), adapter_name=adapter_name)
+    # The padded adapter's own draws are overwritten by the members' below; seed 0 keeps its
+    # recorded config (part of the graph definition) the same for every seed of a sweep.
+    apply(model, dataclasses.replace(template, rank=padded_rank, seed=0), adapter_name=adapter_name)
     swapped = set(mask_lora_wrappers(model, adapter_name))
     optimizer = with_member_learning_rate(make_optimizer(model, make_tx(1.0)))
     base = TrainState.create(model, optimizer)
@@ -341,7 +350,7 @@ def build_batched_state(
         opt_state=stack(opt_states),
         rest=stack(rests),
         frozen=base.frozen,
-        static=base.static,
+        static=reuse_static if reuse_static is not None and reuse_static.graphdef == base.graphdef else base.static,
         members=tuple(members),
     )
     return state, counts

@@ -61,7 +61,6 @@ from peftjax.train.state import TrainState, make_train_step
 
 RESULTS_JSON = "rank_search.json"
 RESULTS_CSV = "rank_search.csv"
-SEQUENTIAL_CSV = "rank_search_sequential.csv"
 POINTS_DIR = "points"
 ENERGIES = (0.9, 0.99)
 
@@ -252,10 +251,16 @@ def run_batched(
     """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members)."""
     template = template_method(config)
     mesh = make_mesh()
+    # Compiled once per (target set, chunk), reused by every seed: same shapes, same optimizer config.
+    steps: dict[tuple[str, int], tuple[BatchedTrainStep, Any]] = {}
+    loss_fn = None
     for seed in sweep.seeds:
         started = time.perf_counter()
         group_config = _with(config, seed=seed, methods=())
         prep = runner.prepare(group_config)  # data, base model (head seeded), loader, steps, loss
+        # One loss function for all seeds, so the evaluation compiled for the first seed serves the others.
+        loss_fn = loss_fn or prep.loss_fn
+        prep = dataclasses.replace(prep, loss_fn=loss_fn)
         data_s = time.perf_counter() - started
         for target_set in target_sets:
             group = _points_of_group(points, seed, target_set.name)
@@ -268,11 +273,14 @@ def run_batched(
                 def make_tx(lr: float, _prep=prep):
                     return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
 
-                state, counts = build_batched_state(prep.model, lora, members, make_tx)
+                step_fn, static = steps.get((target_set.name, chunk_index), (None, None))
+                state, counts = build_batched_state(prep.model, lora, members, make_tx, reuse_static=static)
                 state = state.replicated(mesh)
                 timing.setup_s = time.perf_counter() - started + data_s
                 data_s = 0.0  # the data and the model were loaded once for the seed: charged to its first program
-                step_fn = BatchedTrainStep(prep.loss_fn, grad_accum=config.train.grad_accum)
+                if step_fn is None:
+                    step_fn = BatchedTrainStep(loss_fn, grad_accum=config.train.grad_accum)
+                    steps[(target_set.name, chunk_index)] = (step_fn, state.static)
                 state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
                 for index, point in enumerate(chunk):
                     started = time.perf_counter()
@@ -584,6 +592,7 @@ def run_rank_search(
         f"{len(sweep.seeds)} seeds x rates), modes {modes}, output {out}")
     rows_by_mode: dict[str, list[dict]] = {}
     timing: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
     for mode in modes:
         load_before = _machine_load()
         started = time.perf_counter()
@@ -594,16 +603,33 @@ def run_rank_search(
             rows.append(result.row)
             if mode == primary:
                 _save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
+        programs = _unique_programs(rows)
         timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
-                        "load_after": _machine_load(),
-                        "first_step_s_total": float(sum(r["first_step_s"] for r in _unique_programs(rows))),
-                        "train_s_total": float(sum(r["train_s"] for r in _unique_programs(rows))),
-                        "setup_s_total": float(sum(r["setup_s"] for r in _unique_programs(rows))),
+                        "load_after": _machine_load(), "programs": len(programs),
+                        "first_step_s_total": float(sum(r["first_step_s"] for r in programs)),
+                        "train_s_total": float(sum(r["train_s"] for r in programs)),
+                        "setup_s_total": float(sum(r["setup_s"] for r in programs)),
                         "eval_s_total": float(sum(r["eval_s"] for r in rows))}
         rows_by_mode[mode] = rows
         log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
-    if len(modes) == 2:
-        timing["batched_over_sequential"] = timing["batched"]["wall_s"] / timing["sequential"]["wall_s"]
+        if len(rows_by_mode) == 2:
+            timing["batched_over_sequential"] = timing["batched"]["wall_s"] / timing["sequential"]["wall_s"]
+        # Written after each mode, so a long comparison that fails later keeps the sweep's results.
+        payload = _write_results(out, config, sweep, target_sets, rows_by_mode, primary, timing, command, report)
+    return payload
+
+
+def _write_results(
+    out: pathlib.Path,
+    config: ExperimentConfig,
+    sweep: SweepConfig,
+    target_sets: Sequence[TargetSet],
+    rows_by_mode: dict[str, list[dict]],
+    primary: str,
+    timing: dict[str, Any],
+    command: str | None,
+    report: bool,
+) -> dict[str, Any]:
     rows = rows_by_mode[primary]
     summary = summarize(rows, sweep)
     payload = {
@@ -620,12 +646,12 @@ def run_rank_search(
         "timing": timing,
         "versions": runner.versions(),
     }
-    if "sequential" in rows_by_mode and primary != "sequential":
-        payload["sequential_rows"] = [_without_spectra(r) for r in rows_by_mode["sequential"]]
-        payload["agreement"] = _agreement(rows, rows_by_mode["sequential"], [sweep.metric])
     write_csv(out / RESULTS_CSV, rows)
-    if "sequential" in rows_by_mode and primary != "sequential":
-        write_csv(out / SEQUENTIAL_CSV, rows_by_mode["sequential"])
+    for other, other_rows in rows_by_mode.items():
+        if other != primary:
+            payload[f"{other}_rows"] = [_without_spectra(r) for r in other_rows]
+            payload["agreement"] = _agreement(rows, other_rows, [sweep.metric])
+            write_csv(out / f"rank_search_{other}.csv", other_rows)
     staging = out / f".{RESULTS_JSON}.tmp"
     staging.write_text(json.dumps(_finite_or_null(payload), indent=1, default=_json_default, allow_nan=False))
     os.replace(staging, out / RESULTS_JSON)

@@ -70,13 +70,23 @@ def separate_run(member: Member, data) -> tuple[np.ndarray, dict, dict]:
     return np.array(losses), member_factors(trained), head
 
 
-def test_batched_training_of_four_ranks_equals_four_separate_runs():
+@pytest.fixture(scope="module")
+def four_ranks():
+    """K=4 members before training, and XLA's memory analysis of their step. Compiling ahead of
+    time fills the jit cache, so the training test below does not compile again."""
     data = batches(STEPS)
     state, counts = build_batched_state(tiny_bert(), TEMPLATE, MEMBERS, make_tx)
     step = BatchedTrainStep(loss_fn)
+    memory = step.lower(state, data[0]).compile().memory_analysis()
+    return {"data": data, "state": state, "counts": counts, "step": step, "memory": memory,
+            "member_bytes": state.per_member_bytes(), "frozen_bytes": state.frozen_bytes()}
+
+
+def test_batched_training_of_four_ranks_equals_four_separate_runs(four_ranks):
+    data, state, counts, step = (four_ranks[k] for k in ("data", "state", "counts", "step"))
     losses = []
     for batch in data:
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch)  # donates the fixture's state: nothing else uses it afterwards
         losses.append(np.asarray(metrics["loss"]))
     losses = np.stack(losses)  # (steps, K)
     assert losses.shape == (STEPS, len(MEMBERS))
@@ -104,17 +114,15 @@ def test_batched_training_of_four_ranks_equals_four_separate_runs():
         assert counts[index].trainable == sum(a.size + b.size for a, b, _ in own_factors.values()) + 2 * 32 + 2
 
 
-def test_memory_grows_with_members_by_their_own_state_never_by_the_base():
+def test_memory_grows_with_members_by_their_own_state_never_by_the_base(four_ranks):
     """XLA's compiled memory analysis of the step: K=1 vs K=4 members at the same padded rank."""
-    batch = batches(1)[0]
+    batch = four_ranks["data"][0]
     batch_bytes = sum(x.nbytes for x in batch.values())
-    analysed = {}
-    for members in ([Member(8, 1e-3)], MEMBERS):  # both pad to rank 8
-        state, _ = build_batched_state(tiny_bert(), TEMPLATE, members, make_tx)
-        memory = BatchedTrainStep(loss_fn).lower(state, batch).compile().memory_analysis()
-        analysed[len(members)] = (memory, state.per_member_bytes(), state.frozen_bytes())
-    (one, member_bytes, frozen_bytes), (four, member_bytes_4, frozen_bytes_4) = analysed[1], analysed[4]
-    assert member_bytes == member_bytes_4 and frozen_bytes == frozen_bytes_4
+    state, _ = build_batched_state(tiny_bert(), TEMPLATE, [Member(8, 1e-3)], make_tx)  # pads to 8 as K=4 does
+    one = BatchedTrainStep(loss_fn).lower(state, batch).compile().memory_analysis()
+    member_bytes, frozen_bytes = state.per_member_bytes(), state.frozen_bytes()
+    four = four_ranks["memory"]
+    assert member_bytes == four_ranks["member_bytes"] and frozen_bytes == four_ranks["frozen_bytes"]
     # One member: the base once, the member's state (adapters, head, Adam moments, RNG counters, scale,
     # mask, step) and the batch; nothing else is an argument.
     assert one.argument_size_in_bytes == frozen_bytes + member_bytes + batch_bytes
