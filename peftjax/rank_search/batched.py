@@ -23,10 +23,12 @@ Each member is *exactly* a rank-r LoRA:
   draws (the rank-r adapter is applied, read and deleted again, then padded),
   so batched and separate runs start from the same point;
 * its learning rate is data too: the optimizer runs at peak 1 and the update
-  is multiplied by the member's rate. optax applies the (scheduled) rate as the
-  last, linear step of adam, adamw, sgd and lion, so this is the same update up
-  to float rounding. adafactor decays weights after its rate: one rate per
-  batch only (checked by the sweep).
+  is multiplied by the member's rate. That is the same update, up to float
+  rounding, whenever the rate enters as a factor that no state depends on:
+  true of every optimizer ``runner.build_optimizer`` makes (adam, adamw, sgd
+  and lion scale by the scheduled rate last; adafactor as built there has no
+  weight decay after its rate), not of an optimizer whose state or decay
+  sees the rate (adafactor with ``weight_decay_rate``, say).
 
 ``tests/rank_search/test_batched.py`` checks that K=4 members trained for 20
 steps equal four separate ``TrainState``/``make_train_step`` runs within 1e-5,
