@@ -171,24 +171,34 @@ def input_site(dims: ModelDims, module_path: str) -> tuple[str, str] | None:
 def forward_overhead(model: nnx.Module, tokens: int) -> tuple[int | None, str | None]:
     """Analytic extra forward FLOPs of the model's unmerged adapters, and the formula.
 
-    Written for LoRA (the module docstring), VeRA (2 r (d + k) + r + 3 k: the two
-    matmuls, scaling by d and by b, the add) and IA3 (one multiply per scaled entry).
-    None for methods without a closed form here (DoRA's norms, QLoRA's dequantisation,
-    bottleneck activations, prompt and prefix tuning's longer sequences).
+    Written for LoRA (the module docstring), VeRA and IA3 (one multiply per scaled
+    entry). VeRA's A is one buffer shared by every kernel of its shape, so kernels that
+    read the same input (q and v) share x A too, and XLA computes it once: 2 d r per
+    token per distinct (input, A), then per kernel r (scale by d) + 2 r k (B) + k (scale
+    by b) + k (add). None for methods without a closed form here (DoRA's norms, QLoRA's
+    dequantisation, bottleneck activations, prompt and prefix tuning's longer sequences).
     """
-    wrappers = [w for _, w in iter_wrappers(model) if w.active and not w.merged]
+    wrappers = [(p, w) for p, w in iter_wrappers(model) if w.active and not w.merged]
     if not wrappers:
         return 0, "no adapter in the forward pass"
-    total, kinds = 0, set()
-    for w in wrappers:
+    try:
+        dims = ModelDims.of(model)
+    except (AttributeError, ValueError):
+        dims = None
+    total, kinds, shared = 0, set(), set()
+    for path, w in wrappers:
         if type(w) is LoraLinear:
             layout, rank = w.layout, w.lora_a.shape[-1]
             total += tokens * (2 * rank * (layout.fan_in + layout.fan_out) + layout.fan_out * (1 + (w.scale != 1.0)))
             kinds.add("LoRA: 2r(d+k) + k + k[s!=1] per token per adapted matrix")
         elif type(w) is VeraLinear:
             layout, rank = w.layout, w.scale_d.shape[-1]
-            total += tokens * (2 * rank * (layout.fan_in + layout.fan_out) + rank + 3 * layout.fan_out)
-            kinds.add("VeRA: 2r(d+k) + r + 3k per token per adapted matrix")
+            total += tokens * (rank + 2 * rank * layout.fan_out + 2 * layout.fan_out)
+            site = (input_site(dims, path) if dims else None) or path
+            if (site, id(w.projection_a)) not in shared:
+                shared.add((site, id(w.projection_a)))
+                total += tokens * 2 * layout.fan_in * rank
+            kinds.add("VeRA: 2dr per distinct (input, A) + r + 2rk + 2k per token per adapted matrix")
         elif type(w) is IA3Linear:
             total += tokens * (w.layout.fan_in if w.scales_input else w.layout.fan_out)
             kinds.add("IA3: one multiply per scaled entry")
@@ -229,6 +239,30 @@ def layer_kernel_elements(model: nnx.Module) -> int:
     return kernels + quantised
 
 
+def _first_layer_skips(dims: ModelDims, wrappers: list, trained: list[str]) -> dict[str, float]:
+    """Per-layer terms the lowest layer does not keep, as fractions of one layer's term (the
+    norms term holds two norms). When nothing at the embeddings trains, no gradient flows
+    below the lowest trained part: Llama's first norm (pre-norm, below attention) keeps
+    nothing; with bottleneck adapters alone, nothing below the first adapter does (after
+    attention: Houlsby; after the FFN: Pfeiffer and parallel)."""
+    if any(".embeddings." in p or "embed_tokens" in p for p in trained):
+        return {}
+    if any(isinstance(w, PromptTuning) for _, w in wrappers):
+        return {}
+    llama = dims.family == "llama"
+    skips = {"norms": 0.5} if llama else {}
+    only_bottleneck = wrappers and all(isinstance(w, BottleneckAdapter) for _, w in wrappers)
+    if not only_bottleneck or not all(p.startswith(tuple(w + "." for w, _ in wrappers)) for p in trained):
+        return skips
+    points = {path.rsplit(".", 1)[-1] for path, _ in wrappers if re.search(r"\.0\.[^.]+$", path)}
+    if "after_attention" in points:
+        return {**skips, "qkv": 1.0, "softmax": 1.0, "rope": 1.0}
+    if "after_mlp" in points:
+        # BERT's post-attention LayerNorm is below the FFN's adapter, its last one above; Llama's two are below.
+        return {"qkv": 1.0, "softmax": 1.0, "rope": 1.0, "ffn": 1.0, "norms": 1.0 if llama else 0.5}
+    return skips
+
+
 def activation_bytes(
     model: nnx.Module,
     labels: dict[str, str],
@@ -262,8 +296,9 @@ def activation_bytes(
         "ffn": ffn_tensors * c * n * dims.ffn,
         "rope": 4 * c * n * dims.head_dim if dims.family == "llama" else 0,
     }
+    skipped = _first_layer_skips(dims, wrappers, trained) if layers else {}
     for key, value in per_layer.items():
-        terms[key] = layers * value
+        terms[key] = layers * value - round(skipped.get(key, 0.0) * value)
 
     # Inputs of trained or adapted kernels, once per distinct (layer, input).
     sites: set[tuple[str, str]] = set()
@@ -299,7 +334,12 @@ def activation_bytes(
     head = dims.hidden * dims.vocab if causal_lm else 0
     cast = np.dtype(param_dtype) != np.dtype(compute_dtype)
     terms["kernel_casts"] = c * (kernels + head) if (cast and layers) else 0
-    terms["head"] = (6 * f * n * dims.hidden + f * batch * (seq - 1) * dims.vocab) if causal_lm else 0
+    if causal_lm and (layers or trained):
+        # Final norm (when the layers train) or the head's own input (when only it trains), and the vocabulary softmax.
+        below = 3 * f * n * dims.hidden if layers else c * n * dims.hidden
+        terms["head"] = below + f * batch * (seq - 1) * dims.vocab
+    else:
+        terms["head"] = 0
     terms["total"] = sum(terms.values())
     return terms
 
