@@ -157,7 +157,8 @@ class HFSide:
         self.counts = peftjax.ParamCount(sum(p.numel() for p in trainable), total)
         self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
         self.batch = {k: torch.as_tensor(v, device=self.torch_device) for k, v in batch.items()}
-        self.device = torch.cuda.get_device_name() if self.torch_device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        cuda = self.torch_device.type == "cuda"
+        self.device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
 
     def step(self) -> None:
         loss = self.model(**self.batch).loss

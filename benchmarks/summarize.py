@@ -52,7 +52,8 @@ def bench_table(path: Path) -> str:
 
 def compare_table(paths: list[Path]) -> str:
     head = ["method", "dropout", "trainable (both)", "peftjax step s", "HF PEFT step s", "step-time ratio",
-            "peftjax tokens/s", "HF tokens/s", "peftjax fwd / bwd+update s", "HF fwd / bwd+update s", "load (before → after)"]
+            "peftjax tokens/s", "HF tokens/s", "peftjax fwd / bwd+update s", "HF fwd / bwd+update s",
+            "load (before → after)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path in paths:
         r = json.loads(path.read_text())

@@ -168,7 +168,8 @@ class ModelBuilder:
         rng = np.random.default_rng(self.spec.seed)
         ids = rng.integers(min(1000, self.config.vocab_size // 2), self.config.vocab_size, (b, t), dtype=np.int32)
         labels = rng.integers(0, 2, (b,), dtype=np.int32) if self.task == "classification" else ids
-        return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((b, t), jnp.int32), "labels": jnp.asarray(labels)}
+        mask = jnp.ones((b, t), jnp.int32)
+        return {"input_ids": jnp.asarray(ids), "attention_mask": mask, "labels": jnp.asarray(labels)}
 
 
 def _state_for(model: nnx.Module, config) -> TrainState:
