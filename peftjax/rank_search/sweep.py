@@ -251,8 +251,9 @@ def run_batched(
     """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members)."""
     template = template_method(config)
     mesh = make_mesh()
-    # Compiled once per (target set, chunk), reused by every seed: same shapes, same optimizer config.
-    steps: dict[tuple[str, int], tuple[BatchedTrainStep, Any]] = {}
+    # Compiled once per (target set, padded rank, members), reused by every seed and every chunk of
+    # that shape: same graph, same optimizer config.
+    steps: dict[tuple[str, int, int], tuple[BatchedTrainStep, Any]] = {}
     loss_fn = None
     for seed in sweep.seeds:
         started = time.perf_counter()
@@ -273,14 +274,15 @@ def run_batched(
                 def make_tx(lr: float, _prep=prep):
                     return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
 
-                step_fn, static = steps.get((target_set.name, chunk_index), (None, None))
+                shape_key = (target_set.name, max(m.rank for m in members), len(members))  # same program
+                step_fn, static = steps.get(shape_key, (None, None))
                 state, counts = build_batched_state(prep.model, lora, members, make_tx, reuse_static=static)
                 state = state.replicated(mesh)
                 timing.setup_s = time.perf_counter() - started + data_s
                 data_s = 0.0  # the data and the model were loaded once for the seed: charged to its first program
                 if step_fn is None:
                     step_fn = BatchedTrainStep(loss_fn, grad_accum=config.train.grad_accum)
-                    steps[(target_set.name, chunk_index)] = (step_fn, state.static)
+                    steps[shape_key] = (step_fn, state.static)
                 state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
                 for index, point in enumerate(chunk):
                     started = time.perf_counter()
