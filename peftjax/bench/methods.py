@@ -75,7 +75,7 @@ _FIXED: dict[str, Callable[[FamilyTargets], MethodConfig]] = {
 _LORA = re.compile(r"lora-r(\d+)")
 
 ALL_METHODS = (
-    "full", "linear_probe", "lora-r4", "lora-r8", "lora-r16", "dora", "ia3", "houlsby", "pfeiffer",
+    "full", "linear_probe", "lora-r4", "lora-r8", "lora-r16", "dora", "ia3", "houlsby", "pfeiffer", "parallel",
     "prompt", "prefix", "vera", "qlora", "bitfit", "ln_tuning",
 )  # fmt: skip
 
