@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist load -q tests
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=25 tests
 
 demo: $(STAMP)
 	$(PY) -m peftjax.demo
