@@ -9,17 +9,12 @@ import yaml
 
 from peftjax.cli import main
 from peftjax.rank_search.report import write_report
+from test_sweep_config import TINY
 
 CONFIG = {
-    "name": "tiny-rank-search",
-    "model": {"name": "bert-tiny"},
-    "methods": [{"type": "lora", "targets": ["query", "value"], "rank": 4, "alpha": 8,
-                 "also_train": [r"classifier\..*"]}],
-    "data": {"source": "synthetic:sentiment", "task": "classification", "test_split": "test",
-             "max_length": 16, "bucket_lengths": [16], "max_train_rows": 64, "max_test_rows": 32},
-    "optim": {"name": "adamw", "learning_rate": 3e-3},
-    "train": {"batch_size": 16, "steps": 3, "log_every": 0},
-    "sweep": {"ranks": [2, 8], "target_sets": ["qv"], "seeds": [0], "metric": "test_accuracy"},
+    **TINY,
+    "train": {**TINY["train"], "steps": 3},
+    "sweep": {**TINY["sweep"], "ranks": [2, 8]},
 }
 
 
