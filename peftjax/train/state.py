@@ -158,11 +158,31 @@ class TrainStep:
         return state.static, (state.step, state.trainable, state.opt_state, state.rest), state.frozen, batch
 
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        state = _on_batch_mesh(state, batch)
         (step, trainable, opt_state, rest), metrics = self._jitted(*self._args(state, batch))
         return state.replace(step=step, trainable=trainable, opt_state=opt_state, rest=rest), metrics
 
     def lower(self, state: TrainState, batch) -> jax.stages.Lowered:
         return self._jitted.lower(*self._args(state, batch))
+
+
+def _on_batch_mesh(state: TrainState, batch) -> TrainState:
+    """``state`` laid out on the mesh the batch is sharded over, if it is not yet.
+
+    The step's outputs come back on the batch's mesh; a state left on its default
+    device would therefore reach the second step with other shardings than the
+    first and compile the step a second time. Placing it up front (once: the
+    returned state is already placed) keeps one program."""
+    def mesh_of(array):
+        sharding = getattr(array, "sharding", None)
+        return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+    batch_meshes = {mesh_of(leaf) for leaf in jax.tree.leaves(batch)}
+    if len(batch_meshes) != 1 or None in batch_meshes or mesh_of(state.step) in batch_meshes:
+        return state
+    from peftjax.train.sharding import shard_state  # sharding builds on this module
+
+    return shard_state(state, batch_meshes.pop())
 
 
 def make_train_step(loss_fn: LossFn, *, grad_accum: int = 1) -> TrainStep:

@@ -29,7 +29,7 @@ from peftjax.config import DataConfig, ModelSpec
 from peftjax.models import from_pretrained
 from peftjax.train.data import load_data, load_tokenizer, require_shared_data
 from peftjax.train.runner import evaluate, loss_and_stats
-from peftjax.train.sharding import global_batch, make_mesh, shard_state
+from peftjax.train.sharding import global_batch, make_mesh
 
 HEAD = (r"classifier\..*",)
 QV = ["query", "value"]
@@ -78,9 +78,7 @@ def test_method_beats_majority_on_sst2(sst2, name):
     peftjax.apply(model, config)
     model.train()
     loss_fn, mesh = loss_and_stats("classification"), make_mesh()
-    # Placed on the mesh like the batches, so the step compiles once (a single-device state would
-    # come back mesh-placed and compile a second time).
-    state = shard_state(peftjax.TrainState.create(model, peftjax.make_optimizer(model, optax.adamw(learning_rate))), mesh)
+    state = peftjax.TrainState.create(model, peftjax.make_optimizer(model, optax.adamw(learning_rate)))
     frozen_before = jax.tree.map(jnp.copy, state.frozen)
     step = peftjax.make_train_step(loss_fn)
     for batch in batches:

@@ -107,3 +107,22 @@ def test_dropout_rng_advances_through_the_step(toy, toy_batch):
         state, _ = step(state, toy_batch)
         counts.append([int(a) for a in jax.tree.leaves(state.rest) if a.dtype == jnp.uint32])
     assert counts[0] and counts[1] != counts[0], "the dropout stream's counter moved"
+
+
+def test_a_state_on_one_device_fed_mesh_batches_compiles_the_step_once(toy, toy_batch):
+    """The step's outputs live on the batch's mesh; the state is placed there up
+    front so that the second step does not see new shardings and compile again."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from peftjax.train.sharding import BATCH_AXES, make_mesh
+
+    peftjax.apply(toy, LoraConfig(rank=4, alpha=8, targets=["query", "value"]))
+    state = peftjax.TrainState.create(toy, peftjax.make_optimizer(toy, optax.adamw(1e-2)))
+    mesh = make_mesh()
+    batch = jax.device_put(toy_batch, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    step = peftjax.make_train_step(mse)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert int(state.step) == 3
+    assert step._jitted._cache_size() == 1, "the step compiled more than once"
+    assert state.step.sharding.mesh == mesh
