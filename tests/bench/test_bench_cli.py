@@ -1,4 +1,4 @@
-"""``peftjax bench`` end to end on bert-tiny, the method table, and the HF PEFT comparison script.
+"""``peftjax bench`` end to end on bert-tiny, the method table, and the HF PEFT comparison script (tiny BERT and Llama).
 
 Tiny models only: these check that every number is produced and where it comes from,
 not what the numbers are (timings are never asserted).
@@ -103,3 +103,93 @@ def test_compare_hf_peft_counts_match_and_json_has_both_sides(tiny_bert_checkpoi
         assert {"step_time_s", "tokens_per_s", "device", "forward_time_s"} <= set(row)
     assert result["ratio"]["step_time"] == ours["step_time_s"] / theirs["step_time_s"]
     assert len(result["rounds"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_checkpoint(tmp_path_factory):
+    """transformers' LlamaForCausalLM of peftjax's llama-tiny preset (GQA, llama3 RoPE, tied embeddings)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    from peftjax.models.factory import preset_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(**preset_config("llama-tiny").to_hf_dict())
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _compare_llama(folder, tmp_path, *extra):
+    out = tmp_path / "compare.json"
+    result = _compare_module().main(["--model", str(folder), "--batch", "2", "--seq", "8", "--steps", "1",
+                                     "--rounds", "1", "--warmup", "1", "--json", str(out), *extra])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["ratio"]) == {"step_time", "tokens_per_s", "peak_memory"}
+    assert result["config"]["model_type"] == "llama" and result["config"]["task"] == "llama-causal-lm"
+    ours, theirs = result["peftjax"], result["hf_peft"]
+    assert ours["trainable_params"] == theirs["trainable_params"] and ours["total_params"] == theirs["total_params"]
+    for row in (ours, theirs):
+        assert len(row["step_times_s"]) == 1 and row["tokens_per_s"] > 0 and row["peak_memory_bytes"] is None  # CPU
+    return result
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compare_hf_peft_llama_causal_lm_same_loss_from_the_same_checkpoint(tiny_llama_checkpoint, tmp_path, method):
+    result = _compare_llama(tiny_llama_checkpoint, tmp_path, "--method", method)
+    ours, theirs = result["peftjax"], result["hf_peft"]
+    # Same weights, same tokens, labels = inputs shifted by one on both sides; fresh LoRA adds nothing (B = 0).
+    assert ours["initial_loss"] == pytest.approx(theirs["initial_loss"], abs=1e-4)
+    assert 5.0 < ours["initial_loss"] < 9.0  # about ln(vocab 1000) = 6.9 for an untrained model
+    if method == "lora":  # q_proj (64 -> 64) and v_proj (64 -> 2 KV heads x 16) in 2 layers, r=8
+        assert result["config"]["targets"] == ["q_proj", "v_proj"]
+        assert ours["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 32))
+    else:
+        assert ours["trainable_params"] == ours["total_params"]
+    assert result["config"]["param_dtypes"]["peftjax"] == result["config"]["param_dtypes"]["hf_peft"]
+
+
+def test_compare_hf_peft_llama_bf16_lora_keeps_adapters_in_fp32_on_both_sides(tiny_llama_checkpoint, tmp_path):
+    result = _compare_llama(tiny_llama_checkpoint, tmp_path, "--method", "lora", "--dtype", "bf16")
+    config = result["config"]
+    assert config["dtype"] == "bf16"
+    for side in ("peftjax", "hf_peft"):
+        assert config["param_dtypes"][side] == {"trainable": ["float32"], "frozen": ["bfloat16"]}
+    assert config["adapter_branch_compute"]["hf_peft"].startswith("fp32")
+    assert result["peftjax"]["initial_loss"] == pytest.approx(result["hf_peft"]["initial_loss"], abs=0.05)
+
+
+def test_compare_hf_peft_llama_1b_preset_is_the_same_model_on_both_sides():
+    """The item (d) model, shapes only: HF's LlamaConfig comes from peftjax's preset, and LoRA over the seven
+    projections (qlora's default targets) trains and totals the same number of parameters on both sides."""
+    import torch
+    from flax import nnx
+
+    import peftjax
+
+    compare = _compare_module()
+    args = compare.parse_args(["--model", "llama-1b", "--dtype", "bf16", "--method", "lora"])
+    source = compare.Source.resolve(args.model)
+    args.targets = tuple(source.task.qlora_targets.split(","))
+    ours = peftjax.count_params(nnx.eval_shape(lambda: compare.peftjax_model(args, source)))
+    theirs = compare.hf_model(args, source, torch.device("meta"))
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert (ours.trainable, ours.total) == (trainable, total)
+    assert total > 1.2e9 and next(theirs.parameters()).dtype == torch.bfloat16
+
+
+def test_compare_hf_peft_qlora_without_cuda_stops_before_building(monkeypatch):
+    import torch
+
+    compare = _compare_module()
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("CUDA and bitsandbytes are here: qlora's HF side can run")
+
+    def built(*args, **kwargs):
+        raise AssertionError("a side was built")
+
+    monkeypatch.setattr(compare, "PeftjaxSide", built)
+    monkeypatch.setattr(compare, "HFSide", built)
+    with pytest.raises(SystemExit, match=r"needs CUDA and bitsandbytes.*pip install bitsandbytes"):
+        compare.main(["--model", "llama-1b", "--method", "qlora", "--dtype", "bf16"])
