@@ -3,7 +3,11 @@
 One table, so every benchmark (CLI, scripts, tests) compares the same things:
 a name such as ``lora-r8`` means LoRA(r=8, alpha=2r) on the family's
 attention query and value projections, the choice of the LoRA paper and HF
-PEFT's defaults for BERT and Llama. ``lora-rN`` works for any N. A method that
+PEFT's defaults for BERT and Llama. ``lora-rN`` works for any N. ``qlora`` quantises
+the layers it adapts, so on query and value alone it saves little;
+``qlora-all-linear`` is the QLoRA paper's setting (every linear layer but the head
+in NF4 with a rank-8 adapter), and ``lora-all-linear`` the same adapters over a
+full-precision base, its baseline. A method that
 does not apply to a model (BitFit on Llama, which has no biases; a linear
 probe on a causal LM whose head is tied to the embeddings) is reported as
 skipped with the reason, not silently dropped.
@@ -69,6 +73,8 @@ _FIXED: dict[str, Callable[[FamilyTargets], MethodConfig]] = {
     "prefix": lambda t: PrefixTuningConfig(num_virtual_tokens=20),
     "vera": lambda t: VeraConfig(rank=256, targets=t.attention_qv),
     "qlora": lambda t: QLoraConfig(rank=8, alpha=16.0, targets=t.attention_qv),
+    "lora-all-linear": lambda t: LoraConfig(rank=8, alpha=16.0, targets="all-linear"),
+    "qlora-all-linear": lambda t: QLoraConfig(rank=8, alpha=16.0, targets="all-linear"),
     "bitfit": lambda t: BitFitConfig(),
     "ln_tuning": lambda t: LNTuningConfig(),
 }
