@@ -131,29 +131,6 @@ class BertConfig:
         return d
 
 
-def _linear(config: BertConfig, din: int, dout: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        kernel_init=common.normal_init(config.initializer_range),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def _layer_norm(config: BertConfig, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch computes it: parity within 1e-4 needs it.
-    return nnx.LayerNorm(
-        config.hidden_size,
-        epsilon=config.layer_norm_eps,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
 class BertEmbeddings(nnx.Module):
     """Word + token-type + position embeddings, then LayerNorm and dropout."""
 
@@ -185,7 +162,7 @@ class BertEmbeddings(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.LayerNorm = common.layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.input_embeddings = InputEmbeddings()
 
@@ -254,9 +231,9 @@ class BertSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.key = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.value = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.query = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.key = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.value = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
         self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
         self.attention_kv = AttentionKeyValue()
 
@@ -279,8 +256,8 @@ class BertSelfOutput(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.LayerNorm = _layer_norm(config, **kwargs)
+        self.dense = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.LayerNorm = common.layer_norm(config, **kwargs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, out_btd: Array, in_btd: Array, point: BranchOutput) -> Array:
@@ -303,7 +280,7 @@ class BertIntermediate(nnx.Module):
     """First MLP projection and its activation."""
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config,
             config.hidden_size,
             config.intermediate_size,
@@ -322,8 +299,8 @@ class BertOutput(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = _linear(config, config.intermediate_size, config.hidden_size, **kwargs)
-        self.LayerNorm = _layer_norm(config, **kwargs)
+        self.dense = common.linear(config, config.intermediate_size, config.hidden_size, **kwargs)
+        self.LayerNorm = common.layer_norm(config, **kwargs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, h_btf: Array, in_btd: Array, point: BranchOutput) -> Array:
@@ -376,7 +353,7 @@ class BertPooler(nnx.Module):
     """tanh(dense(first token)): the pooled output BERT's classifier reads."""
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config,
             config.hidden_size,
             config.hidden_size,
@@ -440,9 +417,9 @@ class RobertaClassificationHead(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.dense = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
         self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
-        self.out_proj = _linear(config, config.hidden_size, config.num_labels, **kwargs)
+        self.out_proj = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
 
     def __call__(self, x_btd: Array) -> Array:
         x_bd = self.dropout(x_btd[:, 0])
@@ -493,7 +470,7 @@ class BertForSequenceClassification(_BertWithHead):
             self.classifier = RobertaClassificationHead(config, **kwargs)
         else:
             self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
-            self.classifier = _linear(config, config.hidden_size, config.num_labels, **kwargs)
+            self.classifier = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
 
     def __call__(
         self,
@@ -526,7 +503,7 @@ class BertForTokenClassification(_BertWithHead):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self._init_base(config, add_pooling_layer=False, **kwargs)
         self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
-        self.classifier = _linear(config, config.hidden_size, config.num_labels, **kwargs)
+        self.classifier = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
 
     def __call__(
         self,

@@ -148,6 +148,31 @@ def normal_init(stddev: float) -> nnx.Initializer:
     return nnx.initializers.normal(stddev=stddev)
 
 
+def linear(config: Any, din: int, dout: int, *, bias: bool = True, dtype, param_dtype, rngs) -> nnx.Linear:
+    """A projection initialised as transformers does: normal(``config.initializer_range``) kernel, zero bias."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        kernel_init=normal_init(config.initializer_range),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def layer_norm(config: Any, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch computes it: parity within 1e-4 needs it.
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 def embedding_init(stddev: float, padding_idx: int | None) -> nnx.Initializer:
     """Normal initialiser that zeroes the padding row, as ``nn.Embedding`` does."""
 

@@ -327,18 +327,6 @@ class LlamaConfig:
         return d
 
 
-def _linear(config: LlamaConfig, din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs):
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        kernel_init=common.normal_init(config.initializer_range),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
 def _rms_norm(config: LlamaConfig, *, dtype, param_dtype, rngs) -> nnx.RMSNorm:
     return nnx.RMSNorm(
         config.hidden_size,
@@ -383,10 +371,10 @@ class LlamaAttention(nnx.Module):
         kv_dim = self.num_kv_heads * self.head_dim
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hidden, qkv_bias = config.hidden_size, config.attention_bias
-        self.q_proj = _linear(config, hidden, q_dim, bias=qkv_bias, **kwargs)
-        self.k_proj = _linear(config, hidden, kv_dim, bias=qkv_bias, **kwargs)
-        self.v_proj = _linear(config, hidden, kv_dim, bias=qkv_bias, **kwargs)
-        self.o_proj = _linear(config, q_dim, hidden, bias=config.attention_output_bias, **kwargs)
+        self.q_proj = common.linear(config, hidden, q_dim, bias=qkv_bias, **kwargs)
+        self.k_proj = common.linear(config, hidden, kv_dim, bias=qkv_bias, **kwargs)
+        self.v_proj = common.linear(config, hidden, kv_dim, bias=qkv_bias, **kwargs)
+        self.o_proj = common.linear(config, q_dim, hidden, bias=config.attention_output_bias, **kwargs)
         self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
         self.attention_kv = AttentionKeyValue()
 
@@ -413,9 +401,9 @@ class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs):
         kwargs = dict(bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, hidden, inner, **kwargs)
-        self.up_proj = _linear(config, hidden, inner, **kwargs)
-        self.down_proj = _linear(config, inner, hidden, **kwargs)
+        self.gate_proj = common.linear(config, hidden, inner, **kwargs)
+        self.up_proj = common.linear(config, hidden, inner, **kwargs)
+        self.down_proj = common.linear(config, inner, hidden, **kwargs)
         self.hidden_act = config.hidden_act
 
     def __call__(self, x_btd: Array) -> Array:
@@ -531,7 +519,7 @@ class LlamaForCausalLM(nnx.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _linear(
+            self.lm_head = common.linear(
                 config,
                 config.hidden_size,
                 config.vocab_size,
@@ -580,7 +568,7 @@ class LlamaForSequenceClassification(nnx.Module):
     ):
         self.config = config
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = _linear(
+        self.score = common.linear(
             config,
             config.hidden_size,
             config.num_labels,

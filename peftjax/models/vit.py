@@ -119,29 +119,6 @@ class ViTConfig:
         return d
 
 
-def _linear(config: ViTConfig, din: int, dout: int, *, bias: bool = True, dtype, param_dtype, rngs):
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        kernel_init=common.normal_init(config.initializer_range),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def _layer_norm(config: ViTConfig, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        config.hidden_size,
-        epsilon=config.layer_norm_eps,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
 class ViTPatchEmbeddings(nnx.Module):
     """Non-overlapping patches projected to the hidden size by a strided conv."""
 
@@ -211,9 +188,9 @@ class ViTSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         kwargs = dict(bias=config.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.key = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.value = _linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.query = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.key = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.value = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
         self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
         self.attention_kv = AttentionKeyValue()
 
@@ -235,7 +212,7 @@ class ViTSelfOutput(nnx.Module):
     """Attention output projection and dropout (the residual is the layer's)."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config, config.hidden_size, config.hidden_size,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
@@ -261,7 +238,7 @@ class ViTIntermediate(nnx.Module):
     """First MLP projection and its activation."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config, config.hidden_size, config.intermediate_size,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
@@ -275,7 +252,7 @@ class ViTOutput(nnx.Module):
     """Second MLP projection and dropout (the residual is the layer's)."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config, config.intermediate_size, config.hidden_size,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
@@ -293,8 +270,8 @@ class ViTLayer(nnx.Module):
         self.attention = ViTAttention(config, **kwargs)
         self.intermediate = ViTIntermediate(config, **kwargs)
         self.output = ViTOutput(config, **kwargs)
-        self.layernorm_before = _layer_norm(config, **kwargs)
-        self.layernorm_after = _layer_norm(config, **kwargs)
+        self.layernorm_before = common.layer_norm(config, **kwargs)
+        self.layernorm_after = common.layer_norm(config, **kwargs)
         self.after_attention = BranchOutput()
         self.after_mlp = BranchOutput()
 
@@ -326,7 +303,7 @@ class ViTPooler(nnx.Module):
     """act(dense([CLS])), the pooled output of ``ViTModel``."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
+        self.dense = common.linear(
             config, config.hidden_size, config.pooler_output_size,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
@@ -355,7 +332,7 @@ class ViTModel(nnx.Module):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = ViTEmbeddings(config, **kwargs)
         self.encoder = ViTEncoder(config, **kwargs)
-        self.layernorm = _layer_norm(config, **kwargs)
+        self.layernorm = common.layer_norm(config, **kwargs)
         self.pooler = ViTPooler(config, **kwargs) if add_pooling_layer else None
 
     def get_input_embeddings(self) -> None:
@@ -388,7 +365,7 @@ class ViTForImageClassification(nnx.Module):
         self.vit = ViTModel(
             config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.classifier = _linear(
+        self.classifier = common.linear(
             config, config.hidden_size, config.num_labels,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
