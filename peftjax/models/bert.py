@@ -251,18 +251,23 @@ class BertSelfAttention(nnx.Module):
         return out_btnh.reshape(batch, seq_len, -1)
 
 
-class BertSelfOutput(nnx.Module):
-    """Attention output projection; the residual LayerNorm follows (post-LN)."""
+class BertOutput(nnx.Module):
+    """A block's projection back to the hidden size, then the residual LayerNorm (post-LN).
 
-    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    The same module closes both halves of a layer: ``attention.output`` projects
+    the attention heads (``din`` = hidden size), ``output`` the MLP's hidden
+    units (``din`` = intermediate size).
+    """
+
+    def __init__(self, config: BertConfig, din: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
+        self.dense = common.linear(config, din, config.hidden_size, **kwargs)
         self.LayerNorm = common.layer_norm(config, **kwargs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, out_btd: Array, in_btd: Array, point: BranchOutput) -> Array:
+    def __call__(self, out_btf: Array, in_btd: Array, point: BranchOutput) -> Array:
         """``point`` sees the branch output after dropout, before ``LayerNorm(x + out)``."""
-        out_btd = self.dropout(self.dense(out_btd))
+        out_btd = self.dropout(self.dense(out_btf))
         out_btd = point(out_btd, in_btd)
         return self.LayerNorm(out_btd + in_btd)
 
@@ -273,7 +278,7 @@ class BertAttention(nnx.Module):
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self = BertSelfAttention(config, **kwargs)
-        self.output = BertSelfOutput(config, **kwargs)
+        self.output = BertOutput(config, config.hidden_size, **kwargs)
 
 
 class BertIntermediate(nnx.Module):
@@ -294,21 +299,6 @@ class BertIntermediate(nnx.Module):
         return common.activation(self.hidden_act)(self.dense(x_btd))
 
 
-class BertOutput(nnx.Module):
-    """Second MLP projection; the residual LayerNorm follows (post-LN)."""
-
-    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = common.linear(config, config.intermediate_size, config.hidden_size, **kwargs)
-        self.LayerNorm = common.layer_norm(config, **kwargs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
-
-    def __call__(self, h_btf: Array, in_btd: Array, point: BranchOutput) -> Array:
-        out_btd = self.dropout(self.dense(h_btf))
-        out_btd = point(out_btd, in_btd)
-        return self.LayerNorm(out_btd + in_btd)
-
-
 class BertLayer(nnx.Module):
     """One post-LN transformer block with its two ``BranchOutput`` points.
 
@@ -322,7 +312,7 @@ class BertLayer(nnx.Module):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = BertAttention(config, **kwargs)
         self.intermediate = BertIntermediate(config, **kwargs)
-        self.output = BertOutput(config, **kwargs)
+        self.output = BertOutput(config, config.intermediate_size, **kwargs)
         self.after_attention = BranchOutput()
         self.after_mlp = BranchOutput()
 
