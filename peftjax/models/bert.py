@@ -225,12 +225,14 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-    """Query/key/value projections and scaled dot-product attention."""
+    """Query/key/value projections and bidirectional scaled dot-product attention.
 
-    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    ViT's encoder attention is the same module; ``bias`` is its ``qkv_bias``."""
+
+    def __init__(self, config: Any, *, bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kwargs = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
         self.key = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
         self.value = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import common
+from peftjax.models.bert import BertSelfAttention
 from peftjax.models.common import Array, ModelOutput
-from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings
+from peftjax.points import BranchOutput, InputEmbeddings
 
 
 def _square(name: str, value: Any) -> int:
@@ -181,33 +182,6 @@ class ViTEmbeddings(nnx.Module):
         return self.dropout(x_btd), mask_bt
 
 
-class ViTSelfAttention(nnx.Module):
-    """Query/key/value projections and bidirectional attention."""
-
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        kwargs = dict(bias=config.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.key = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.value = common.linear(config, config.hidden_size, config.hidden_size, **kwargs)
-        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
-        self.attention_kv = AttentionKeyValue()
-
-    def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
-        batch, seq_len, _ = x_btd.shape
-        heads = (batch, seq_len, self.num_heads, self.head_dim)
-        q_btnh = self.query(x_btd).reshape(heads)
-        k_bsnh = self.key(x_btd).reshape(heads)
-        v_bsnh = self.value(x_btd).reshape(heads)
-        k_bsnh, v_bsnh, mask_bs = self.attention_kv(k_bsnh, v_bsnh, mask_bt)
-        mask_bts = common.attention_mask(mask_bs, seq_len, causal=False)
-        out_btnh = common.dot_product_attention(
-            q_btnh, k_bsnh, v_bsnh, mask_bts, dropout=self.dropout
-        )
-        return out_btnh.reshape(batch, seq_len, -1)
-
-
 class ViTSelfOutput(nnx.Module):
     """Attention output projection and dropout (the residual is the layer's)."""
 
@@ -227,7 +201,7 @@ class ViTAttention(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attention = ViTSelfAttention(config, **kwargs)
+        self.attention = BertSelfAttention(config, bias=config.qkv_bias, **kwargs)
         self.output = ViTSelfOutput(config, **kwargs)
 
     def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
