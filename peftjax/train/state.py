@@ -101,14 +101,18 @@ class TrainStep:
     goes to micro-batch i mod k, so each stays spread over a data-parallel
     mesh); their gradients are averaged in a ``lax.scan`` before one update,
     which equals one step on the whole batch for a loss that is a mean.
+
+    ``compiler_options`` go to XLA for this step alone (``jax.jit``'s
+    ``compiler_options``), e.g. ``{"xla_backend_optimization_level": 1}`` to
+    trade a little run time for a faster compile on the CPU.
     """
 
-    def __init__(self, loss_fn: LossFn, *, grad_accum: int = 1):
+    def __init__(self, loss_fn: LossFn, *, grad_accum: int = 1, compiler_options: dict[str, Any] | None = None):
         if not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum={grad_accum!r}: must be a positive integer")
         self.loss_fn = loss_fn
         self.grad_accum = grad_accum
-        self._jitted = jax.jit(self._update, static_argnums=0, donate_argnums=1)
+        self._jitted = jax.jit(self._update, static_argnums=0, donate_argnums=1, compiler_options=compiler_options)
 
     def _loss_and_grads(self, static: _Static, trainable, frozen, rest, batch):
         def loss_of(trainable, rest):
@@ -185,7 +189,9 @@ def _on_batch_mesh(state: TrainState, batch) -> TrainState:
     return shard_state(state, batch_meshes.pop())
 
 
-def make_train_step(loss_fn: LossFn, *, grad_accum: int = 1) -> TrainStep:
+def make_train_step(
+    loss_fn: LossFn, *, grad_accum: int = 1, compiler_options: dict[str, Any] | None = None
+) -> TrainStep:
     """Compile ``loss_fn(model, batch) -> loss | (loss, aux)`` into a train step
-    (``grad_accum`` micro-batches per update)."""
-    return TrainStep(loss_fn, grad_accum=grad_accum)
+    (``grad_accum`` micro-batches per update, ``compiler_options`` for XLA)."""
+    return TrainStep(loss_fn, grad_accum=grad_accum, compiler_options=compiler_options)

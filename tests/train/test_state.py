@@ -126,3 +126,12 @@ def test_a_state_on_one_device_fed_mesh_batches_compiles_the_step_once(toy, toy_
     assert int(state.step) == 3
     assert step._jitted._cache_size() == 1, "the step compiled more than once"
     assert state.step.sharding.mesh == mesh
+
+
+def test_compiler_options_reach_xla(toy, toy_batch):
+    peftjax.apply(toy, LoraConfig(rank=4, alpha=8, targets=["query", "value"]))
+    state = peftjax.TrainState.create(toy, peftjax.make_optimizer(toy, optax.adamw(1e-2)))
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        peftjax.make_train_step(mse, compiler_options={"no_such_xla_option": 1})(state, toy_batch)
+    state, metrics = peftjax.make_train_step(mse, compiler_options={"xla_backend_optimization_level": 1})(state, toy_batch)
+    assert int(state.step) == 1 and jnp.isfinite(metrics["loss"])
