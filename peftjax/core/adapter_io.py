@@ -2,8 +2,11 @@
 
 A saved adapter is a folder holding ``adapter_config.json`` (the applied
 methods, in order, with their adapter names) and ``adapter_model.safetensors``
-(every parameter the default labels train, by dotted path). Base weights are
-never written: a LoRA adapter of bert-base is a few hundred kilobytes.
+(every parameter the default labels train, by dotted path, and the running
+statistics of the batch norms whose statistics changed: those that train, and
+those a train state recorded as updated, see ``peftjax.core.batch_stats``).
+Base weights are never written: a LoRA adapter of bert-base is a few hundred
+kilobytes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
@@ -31,17 +35,20 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _trainable_variables(model: nnx.Module) -> dict[str, nnx.Param]:
+def adapter_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """``{dotted path: variable}`` of what an adapter file holds (see the module docstring)."""
     # Inactive adapters too: load_adapter re-creates every saved adapter and needs all their parameters.
     labels = param_labels(model, freeze_inactive=False)
-    return {
+    params = {
         dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and labels[dotted(p)] != FROZEN
     }
+    return {**params, **adapter_statistics(model, labels)}
 
 
 def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
-    """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)."""
-    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in _trainable_variables(model).items()}
+    """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)
+    and of the running statistics that changed."""
+    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in adapter_variables(model).items()}
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
@@ -97,11 +104,16 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """Apply the saved methods to ``model`` (a freshly loaded base) and fill in
-    the saved parameters. Everything is checked on an abstract copy first, so
-    a mismatched file raises and leaves ``model`` as it was."""
+    the saved parameters and running statistics. Everything is checked on an
+    abstract copy first, so a mismatched file raises and leaves ``model`` as it
+    was. Batch norms whose statistics the file holds are recorded as changed,
+    so that saving ``model`` again keeps them."""
     methods, arrays = _read(Path(path))
     abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
-    expected = {k: tuple(v.get_value().shape) for k, v in _trainable_variables(abstract).items()}
+    expected = {k: tuple(v.get_value().shape) for k, v in adapter_variables(abstract).items()}
+    # Statistics beyond the required ones: those a train state updated in frozen batch norms.
+    statistics = {dotted(p): tuple(v.get_value().shape) for p, v in nnx.iter_graph(abstract) if isinstance(v, nnx.BatchStat)}
+    expected.update({k: shape for k, shape in statistics.items() if k in arrays})
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
              if tuple(arrays[k].shape) != expected[k]]
@@ -115,5 +127,6 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
         name = dotted(p)
         if name in arrays:
             variable[...] = jax.numpy.asarray(arrays[name], dtype=variable.dtype)
+    record_updated(model, {name.rpartition(".")[0] for name in arrays if name in statistics})
     return model
 

@@ -16,7 +16,9 @@ Labels other than ``"frozen"`` train. ``make_optimizer`` sends ``"frozen"`` to
 ``optax.set_to_zero()`` and every other label to the given transformation
 (optionally with a per-label learning-rate multiplier), through
 ``optax.partition``. More groups (a head with its own rate, layer groups for
-discriminative rates) are more labels, not more machinery.
+discriminative rates) are more labels, not more machinery. The labels also
+decide which batch norms keep their running statistics fixed
+(``peftjax.core.batch_stats``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import optax
 from flax import nnx
 
+from peftjax.core.batch_stats import fixed_batch_norms
 from peftjax.core.inject import applied_methods, iter_wrappers
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
@@ -101,9 +104,11 @@ def _label_tree(labels: Mapping[str, str]):
 
 class PeftOptimizer(optax.GradientTransformationExtraArgs):
     """An ``optax.GradientTransformation`` that also carries its labels, so that
-    ``TrainState.create`` splits the model exactly where the optimizer does."""
+    ``TrainState.create`` splits the model exactly where the optimizer does, and
+    the batch norms whose running statistics stay fixed (by dotted module path)."""
 
     labels: dict[str, str]
+    fixed_batch_norms: frozenset[str]
 
     @property
     def trainable_paths(self) -> frozenset[str]:
@@ -117,6 +122,7 @@ def make_optimizer(
     rules: Sequence[LabelRule] | None = None,
     transforms: Mapping[str, optax.GradientTransformation] | None = None,
     lr_multipliers: Mapping[str, float] | None = None,
+    update_frozen_batch_stats: bool = False,
 ) -> PeftOptimizer:
     """An optimizer that trains only the labelled-trainable parameters.
 
@@ -128,6 +134,9 @@ def make_optimizer(
       lr_multipliers: per-label factors on the update (a learning-rate
         multiplier for SGD, Adam and AdamW alike); merged over the methods'
         own (LoRA+).
+      update_frozen_batch_stats: let batch norms whose parameters are all
+        frozen keep updating their running statistics in training (PyTorch's
+        behaviour); by default they use and keep them fixed.
 
     Frozen parameters get ``optax.set_to_zero()``: no optimizer state at all.
     """
@@ -152,4 +161,5 @@ def make_optimizer(
     partition = optax.partition(per_label, _label_tree(labels))
     optimizer = PeftOptimizer(partition.init, partition.update)
     optimizer.labels = labels
+    optimizer.fixed_batch_norms = fixed_batch_norms(model, labels, update_frozen=update_frozen_batch_stats)
     return optimizer

@@ -335,7 +335,7 @@ def build_batched_state(
         for wrapper in masked:
             wrapper.scale[...] = jnp.asarray(dataclasses.replace(template, rank=member.rank).scale, jnp.float32)
             wrapper.rank_mask[...] = (jnp.arange(padded_rank) < member.rank).astype(jnp.float32)
-        rest_template = nnx.state(model, nnx.Not(nnx.Param))
+        rest_template = nnx.state(model, base.static.rest_filter)
         trainable = _filled(base.trainable, own_trainable)
         trainables.append(trainable)
         rests.append(_filled(rest_template, own_rest))

@@ -3,11 +3,14 @@
 ``TrainState.create`` splits the model once into
 
 * ``trainable``: the parameters the optimizer labels trainable,
-* ``frozen``: every other parameter, never changed by a step,
-* ``rest``: non-parameter state (RNG counters, batch statistics), which a
-  forward pass may advance,
+* ``frozen``: every other parameter, and the running statistics of frozen
+  batch norms, never changed by a step,
+* ``rest``: other non-parameter state (RNG counters, the running statistics
+  of batch norms that train), which a forward pass may advance,
 
-plus the optimizer state over ``trainable`` alone. The step rebuilds the
+plus the optimizer state over ``trainable`` alone. Frozen batch norms (all
+parameters labelled frozen, see ``peftjax.core.batch_stats``) normalise with
+their running statistics in the step's graph even in training mode. The step rebuilds the
 module inside ``jax.jit`` (traced once, no graph traversal per step) and takes
 ``jax.value_and_grad`` with respect to ``trainable``: frozen kernels get no
 weight gradients, so they cost no gradient FLOPs and no optimizer state. The
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from peftjax.core.batch_stats import is_fixed_statistic, training_view
 from peftjax.core.labels import PeftOptimizer, make_optimizer
 from peftjax.core.paths import dotted
 
@@ -32,11 +36,15 @@ LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, dict]]
 
 
 class _Static:
-    """Graph definition and optimizer, hashed by identity: a jit cache lookup
-    per step costs a pointer comparison, not a walk of the graph definition."""
+    """Graph definition, optimizer and the filter of the state a step returns
+    (``rest``), hashed by identity: a jit cache lookup per step costs a pointer
+    comparison, not a walk of the graph definition."""
 
-    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    def __init__(
+        self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, rest_filter: Any = None
+    ):
         self.graphdef, self.tx = graphdef, tx
+        self.rest_filter = nnx.Not(nnx.Param) if rest_filter is None else rest_filter
 
 
 @struct.dataclass
@@ -56,6 +64,8 @@ class TrainState:
         its labels; a plain optax transformation is wrapped with the default
         labels of ``model``. The trainable arrays are copied so that donating
         them to the step never invalidates ``model``; frozen arrays are shared.
+        ``model`` is left as it was (frozen batch norms are switched to their
+        running statistics in a view of it).
         """
         if not isinstance(optimizer, PeftOptimizer):
             optimizer = make_optimizer(model, optimizer)
@@ -64,7 +74,9 @@ class TrainState:
         def is_trainable(path, value) -> bool:
             return isinstance(value, nnx.Param) and dotted(path) in trainable_paths
 
-        graphdef, trainable, frozen, rest = nnx.split(model, is_trainable, nnx.Param, ...)
+        fixed = nnx.Any(nnx.Param, is_fixed_statistic(optimizer.fixed_batch_norms))
+        view = training_view(model, optimizer.fixed_batch_norms)
+        graphdef, trainable, frozen, rest = nnx.split(view, is_trainable, fixed, ...)
         trainable = jax.tree.map(jnp.copy, trainable)
         rest = jax.tree.map(jnp.copy, rest)
         return cls(
@@ -73,7 +85,7 @@ class TrainState:
             opt_state=optimizer.init(trainable),
             rest=rest,
             frozen=frozen,
-            static=_Static(graphdef, optimizer),
+            static=_Static(graphdef, optimizer, nnx.Not(fixed)),
         )
 
     @property
@@ -120,7 +132,7 @@ class TrainStep:
             model = nnx.merge(static.graphdef, trainable, frozen, jax.tree.map(lambda x: x, rest))
             out = self.loss_fn(model, batch)
             loss, aux = out if isinstance(out, tuple) else (out, {})
-            return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+            return loss, (aux, nnx.state(model, static.rest_filter))
 
         (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable, rest)
         return loss, aux, rest, grads

@@ -10,6 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
+import tiny_checkpoints  # tests/models helper (see its docstring)
 from peftjax import models
 from peftjax.core.paths import dotted
 from peftjax.models.batch_norm import BatchNorm
@@ -28,38 +29,22 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def perturb_batch_norms(reference: torch.nn.Module, seed: int) -> None:
-    """Random affine parameters and running statistics, so that eval mode cannot
-    pass with transformers' initial identity batch norms."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(1 + 0.3 * torch.randn(n, generator=generator))
-                module.bias.copy_(0.3 * torch.randn(n, generator=generator))
-                module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                module.num_batches_tracked.fill_(7)
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, tuple[str, dict]]:
-    """name -> (folder, reference state dict as saved); each test builds its own torch copy."""
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """name -> checkpoint folder; each test loads its own torch copy from it."""
     built = {}
     for index, (name, kwargs) in enumerate(CONFIGS.items()):
         torch.manual_seed(index)
         reference = transformers.ResNetForImageClassification(transformers.ResNetConfig(**kwargs))
-        perturb_batch_norms(reference, index)
+        tiny_checkpoints.perturb_batch_norms(reference, index)
         folder = tmp_path_factory.mktemp(f"resnet-{name}")
         reference.save_pretrained(folder)
-        built[name] = (str(folder), {k: v.clone() for k, v in reference.state_dict().items()})
+        built[name] = str(folder)
     return built
 
 
 def reference_model(checkpoints, name: str, model_cls=transformers.ResNetForImageClassification):
-    folder, _ = checkpoints[name]
-    return model_cls.from_pretrained(folder)
+    return model_cls.from_pretrained(checkpoints[name])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,7 @@ def statistics_by_key(model: nnx.Module) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_eval_mode_matches_transformers(checkpoints, pixels, name):
-    model, report = models.from_pretrained(checkpoints[name][0], output_loading_info=True)
+    model, report = models.from_pretrained(checkpoints[name], output_loading_info=True)
     assert isinstance(model, models.ResNetForImageClassification)
     assert report.missing_keys == () and report.unexpected_keys == ()
     reference = reference_model(checkpoints, name).eval()
@@ -98,7 +83,7 @@ def test_eval_mode_matches_transformers(checkpoints, pixels, name):
 
 
 def test_base_model_matches_transformers(checkpoints, pixels):
-    model = models.from_pretrained(checkpoints["bottleneck"][0], task="base")
+    model = models.from_pretrained(checkpoints["bottleneck"], task="base")
     assert isinstance(model, models.ResNetModel) and model.get_input_embeddings() is None
     reference = reference_model(checkpoints, "bottleneck", transformers.ResNetModel).eval()
     ours = forward(model, jnp.asarray(pixels))
@@ -124,7 +109,7 @@ def test_train_mode_outputs_gradients_and_statistics_match_transformers(checkpoi
     """Two training-mode passes: the loss and every parameter's gradient on the second
     (batch statistics in use), and the running statistics after both (torch's
     unbiased-variance update and its counter)."""
-    model = models.from_pretrained(checkpoints[name][0])
+    model = models.from_pretrained(checkpoints[name])
     model.train()
     reference = reference_model(checkpoints, name).train()
     labels = np.array([0, 3, 1, 4])
@@ -160,7 +145,7 @@ def test_train_mode_outputs_gradients_and_statistics_match_transformers(checkpoi
 
 
 def test_round_trip_through_transformers_keeps_statistics(checkpoints, pixels, tmp_path):
-    model = models.from_pretrained(checkpoints["basic"][0])
+    model = models.from_pretrained(checkpoints["basic"])
     model.train()
     forward(model, jnp.asarray(pixels))  # moves every running statistic away from the checkpoint's
     model.eval()
@@ -176,7 +161,7 @@ def test_round_trip_through_transformers_keeps_statistics(checkpoints, pixels, t
 
 
 def test_module_paths_and_layer_groups(checkpoints):
-    model = models.from_pretrained(checkpoints["basic"][0])
+    model = models.from_pretrained(checkpoints["basic"])
     stage = model.resnet.encoder.stages[1].layers[0]
     assert stage.layer[0].convolution.kernel.shape == (3, 3, 8, 16)
     assert stage.shortcut.convolution.kernel.shape == (1, 1, 8, 16)
@@ -188,13 +173,13 @@ def test_module_paths_and_layer_groups(checkpoints):
     for path, _ in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
         owners = [name for name, prefix in groups if dotted(path).startswith(prefix + ".")]
         assert len(owners) == 1, dotted(path)
-    assert models.from_pretrained(checkpoints["basic"][0], task="base").layer_groups() == tuple(
+    assert models.from_pretrained(checkpoints["basic"], task="base").layer_groups() == tuple(
         (name, prefix.removeprefix("resnet.")) for name, prefix in groups[:-1]
     )
 
 
 def test_bad_input_and_config_are_clear_errors(checkpoints):
-    model = models.from_pretrained(checkpoints["basic"][0])
+    model = models.from_pretrained(checkpoints["basic"])
     with pytest.raises(ValueError, match=r"expects \(batch, 3, height, width\)"):
         model(jnp.zeros((1, 32, 32, 3)))
     norm = BatchNorm(4, rngs=nnx.Rngs(0))  # as torch: a batch of one 1x1 map has no variance to estimate
@@ -210,7 +195,7 @@ def test_remat_changes_nothing(checkpoints, pixels):
     """Rematerialised residual layers: same loss, gradients and statistic updates."""
     results = []
     for remat in (False, True):
-        model = models.from_pretrained(checkpoints["basic"][0], config_overrides={"remat": remat})
+        model = models.from_pretrained(checkpoints["basic"], config_overrides={"remat": remat})
         model.train()
         loss, grads = train_forward_and_grads(model, jnp.asarray(pixels), jnp.asarray([0, 1, 2, 3]))
         results.append((loss, grads, nnx.state(model, nnx.BatchStat)))
