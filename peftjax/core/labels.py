@@ -110,6 +110,13 @@ class PeftOptimizer(optax.GradientTransformationExtraArgs):
     labels: dict[str, str]
     fixed_batch_norms: frozenset[str]
 
+    def carrying(self, tx: optax.GradientTransformation) -> PeftOptimizer:
+        """``tx`` (a transformation built around this one, e.g. chained after it) with
+        this one's labels and batch-norm decision."""
+        result = PeftOptimizer(tx.init, tx.update)
+        result.labels, result.fixed_batch_norms = self.labels, self.fixed_batch_norms
+        return result
+
     @property
     def trainable_paths(self) -> frozenset[str]:
         return frozenset(p for p, label in self.labels.items() if label != FROZEN)
