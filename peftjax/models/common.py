@@ -29,13 +29,14 @@ class ModelOutput:
     Attributes:
         last_hidden_state: (batch, seq, hidden) final hidden states, aligned
             with the caller's tokens (positions an ``InputEmbeddings`` point
-            prepended are dropped).
+            prepended are dropped); a ResNet's final feature maps,
+            (batch, channels, height, width) as transformers returns them.
         logits: the head's output, or ``None`` for a model without a head:
             (batch, num_labels) for sequence/image classification,
             (batch, seq, num_labels) for token classification and
             (batch, seq, vocab) for causal language modelling.
-        pooler_output: (batch, hidden) output of the BERT/ViT pooler when the
-            model has one, else ``None``.
+        pooler_output: (batch, hidden) output of the BERT/ViT pooler (a
+            ResNet's global average pool) when the model has one, else ``None``.
     """
 
     last_hidden_state: Array

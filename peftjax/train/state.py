@@ -10,8 +10,8 @@
 
 plus the optimizer state over ``trainable`` alone. Frozen batch norms (all
 parameters labelled frozen, see ``peftjax.core.batch_stats``) normalise with
-their running statistics in the step's graph even in training mode. The step rebuilds the
-module inside ``jax.jit`` (traced once, no graph traversal per step) and takes
+their running statistics in the step's graph even in training mode. The step
+rebuilds the module inside ``jax.jit`` (traced once, no graph traversal per step) and takes
 ``jax.value_and_grad`` with respect to ``trainable``: frozen kernels get no
 weight gradients, so they cost no gradient FLOPs and no optimizer state. The
 step donates the buffers it replaces (trainable, optimizer state, rest) and
@@ -40,9 +40,7 @@ class _Static:
     (``rest``), hashed by identity: a jit cache lookup per step costs a pointer
     comparison, not a walk of the graph definition."""
 
-    def __init__(
-        self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, rest_filter: Any = None
-    ):
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, rest_filter: Any = None):
         self.graphdef, self.tx = graphdef, tx
         self.rest_filter = nnx.Not(nnx.Param) if rest_filter is None else rest_filter
 
