@@ -11,9 +11,12 @@ import sys
 
 def _load(path: str, overrides: list[str]):
     from peftjax.config import load_config
+    from peftjax.data import check_data_files
     from peftjax.methods.base import config_from_dict
 
-    return load_config(path, overrides, method_validator=config_from_dict)
+    config = load_config(path, overrides, method_validator=config_from_dict)
+    check_data_files(config.data)
+    return config
 
 
 def _train(args) -> int:

@@ -26,7 +26,7 @@ built, so this module does not depend on which methods exist.
 Relative paths in a config (``data.source``, ``model.path``, ``output_dir``)
 are relative to the working directory of the process, as for any command-line
 tool. ``data.source: shared:sst2`` names the shared data folder beside the
-repository without a path (see :func:`peftjax.train.data.shared_data_dir`).
+repository without a path (see :func:`peftjax.data.shared_data_dir`).
 
 Command-line overrides use dotted keys and YAML scalars::
 
@@ -476,7 +476,7 @@ FileFormat = Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(_Section):
-    """What to train and evaluate on; loaded by :func:`peftjax.train.data.load_data`.
+    """What to train and evaluate on; loaded by :func:`peftjax.data.load_data`.
 
     ``source`` is one of
 
@@ -875,16 +875,16 @@ def load_config(
     path: str | pathlib.Path,
     overrides: Iterable[str] = (),
     *,
-    check_files: bool = True,
     method_validator: Callable[[Mapping[str, Any]], Any] | None = None,
     split_sections: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Reads, overrides and validates an experiment config file (YAML or JSON).
 
     ``overrides`` are ``key.sub=value`` strings applied in order before
-    validation, so an override is checked exactly like the file. With
-    ``check_files`` every local data file the config names must exist (checked
-    now, not an hour into a run). ``method_validator`` (for example
+    validation, so an override is checked exactly like the file. Whether the
+    data files exist is the data package's check
+    (:func:`peftjax.data.check_data_files`), which the commands run right after
+    loading, not an hour into a run. ``method_validator`` (for example
     ``peftjax.methods.config_from_dict``) is called on each method spec; its
     errors become ConfigErrors naming ``methods.N``. ``split_sections`` names
     top-level sections another command owns (``peftjax rank-search``'s
@@ -907,8 +907,4 @@ def load_config(
                 method_validator(spec.to_dict())
             except (ValueError, TypeError) as error:
                 raise ConfigError(str(error), f"methods.{index}") from None
-    if check_files:
-        from peftjax.train.data import check_data_files  # lazy: data pulls numpy and more
-
-        check_data_files(config.data)
     return config

@@ -40,6 +40,7 @@ from flax import nnx
 
 from peftjax.config import ConfigError, ExperimentConfig, load_config
 from peftjax.core.inject import apply, delete_adapter, iter_wrappers
+from peftjax.data import check_data_files
 from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
@@ -312,6 +313,7 @@ def load_rank_search(path: str | pathlib.Path, overrides: Iterable[str] = ()) ->
     """
     sections: dict[str, Any] = {SWEEP_KEY: None}
     config = load_config(path, overrides, method_validator=config_from_dict, split_sections=sections)
+    check_data_files(config.data)
     sweep = SweepConfig.from_dict(sections[SWEEP_KEY])
     template_method(config)
     check_metrics(config, sweep)

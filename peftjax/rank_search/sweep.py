@@ -40,6 +40,7 @@ import numpy as np
 from peftjax.analysis import lowrank
 from peftjax.config import ExperimentConfig, FrozenDict
 from peftjax.core.counting import count_params
+from peftjax.data import BatchLoader
 from peftjax.core.inject import delete_adapter
 from peftjax.core.paths import Targets
 from peftjax.methods.lora import LoraConfig
@@ -55,7 +56,6 @@ from peftjax.rank_search.config import (
     template_method,
 )
 from peftjax.train import runner
-from peftjax.train.data import BatchLoader
 from peftjax.train.sharding import global_batch, make_mesh, shard_state
 from peftjax.train.state import TrainState, make_train_step
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from peftjax import data as data_lib
 from peftjax.config import ExperimentConfig
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
@@ -33,7 +34,6 @@ from peftjax.core.inject import apply
 from peftjax.core.labels import make_optimizer
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
-from peftjax.train import data as data_lib
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.sharding import global_batch, make_mesh, shard_state
 from peftjax.train.state import TrainState, make_train_step
