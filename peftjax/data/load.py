@@ -18,6 +18,7 @@ from peftjax.data.sources import SPLITS, local_split_path, read_table, select_ro
 from peftjax.data.synthetic import synthetic_tokenizer
 from peftjax.data.tokenization import Tokenizer, document_separator, encode, padding_id, tokenizer_name
 
+
 def _label_ids(values: list[Any], where: str, names: tuple[str, ...] | None) -> np.ndarray:
     """Integer class ids from a label column (ints, bools, integral floats or class names)."""
     for row, value in enumerate(values):

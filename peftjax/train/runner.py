@@ -35,7 +35,7 @@ from peftjax.core.labels import make_optimizer
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
 from peftjax.train.checkpoint import Checkpointer
-from peftjax.train.sharding import global_batch, make_mesh, shard_state
+from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 
 HEADS = {
@@ -299,7 +299,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
         state, meta = checkpointer.restore(state)
         position = data_lib.LoaderState.from_dict(meta["loader"])
         best = meta["best"]
-    state = shard_state(state, mesh)
+    state = state.on_mesh(mesh)
     step_fn = make_train_step(lambda m, b: prep.loss_fn(m, b), grad_accum=loop.grad_accum)
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)

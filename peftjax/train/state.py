@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from peftjax.core.labels import PeftOptimizer, make_optimizer
 from peftjax.core.paths import dotted
+from peftjax.train.sharding import parameter_specs, place
 
 LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, dict]]
 
@@ -87,6 +88,28 @@ class TrainState:
     def model(self) -> nnx.Module:
         """The module with this state's parameters."""
         return nnx.merge(self.graphdef, self.trainable, self.frozen, self.rest)
+
+    def on_mesh(self, mesh: jax.sharding.Mesh) -> TrainState:
+        """This state laid out on ``mesh`` (see ``peftjax.train.sharding``); the
+        optimizer state is re-initialised from the placed parameters so that its
+        buffers sit where they do, then filled with this state's values."""
+        specs = parameter_specs(self.model(), mesh)
+        trainable = place(self.trainable, specs, mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def on_mesh(fresh, old):
+            # Moments inherit their parameter's layout; counters XLA left on one device are replicated.
+            placed = isinstance(fresh.sharding, jax.sharding.NamedSharding) and fresh.sharding.mesh == mesh
+            return jax.device_put(old, fresh.sharding if placed else replicated)
+
+        restored = jax.tree.map(on_mesh, jax.jit(self.tx.init)(trainable), self.opt_state)
+        return self.replace(
+            trainable=trainable,
+            frozen=place(self.frozen, specs, mesh),
+            rest=place(self.rest, {}, mesh),
+            opt_state=restored,
+            step=jax.device_put(self.step, replicated),
+        )
 
 
 class TrainStep:
@@ -184,9 +207,7 @@ def _on_batch_mesh(state: TrainState, batch) -> TrainState:
     batch_meshes = {mesh_of(leaf) for leaf in jax.tree.leaves(batch)}
     if len(batch_meshes) != 1 or None in batch_meshes or mesh_of(state.step) in batch_meshes:
         return state
-    from peftjax.train.sharding import shard_state  # sharding builds on this module
-
-    return shard_state(state, batch_meshes.pop())
+    return state.on_mesh(batch_meshes.pop())
 
 
 def make_train_step(

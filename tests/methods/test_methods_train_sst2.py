@@ -26,8 +26,8 @@ from flax import nnx
 
 import peftjax
 from peftjax.config import DataConfig, ModelSpec
-from peftjax.models import from_pretrained
 from peftjax.data import load_data, load_tokenizer, require_shared_data
+from peftjax.models import from_pretrained
 from peftjax.train.runner import evaluate, loss_and_stats
 from peftjax.train.sharding import global_batch, make_mesh
 
