@@ -10,6 +10,7 @@ The schema is a tree of frozen, keyword-only dataclasses::
       name, output_dir
       model:    ModelSpec        which network and checkpoint
       methods:  (FrozenDict,...) PEFT methods, {"type": "lora", "rank": 8, ...}
+      strategies: (FrozenDict,...) training strategies, {"type": "layer_freeze", "layers": 2}
       data:     DataConfig       what to train and evaluate on
       optim:    OptimConfig      optimizer and its hyper-parameters
       schedule: ScheduleConfig   warmup, then cosine / linear / constant
@@ -19,9 +20,10 @@ Every section validates itself on construction, whether built from YAML, from
 a dict or directly in Python, so an invalid config cannot exist. Problems are
 reported as :class:`ConfigError` naming the full dotted key (``train.batch_size``),
 what was expected and what was found; an unknown key comes with a
-did-you-mean (the machinery is :mod:`peftjax.schema`). Method specs are kept as plain frozen mappings and are validated
-by the method registry (``peftjax.methods.config_from_dict``) when the model is
-built, so this module does not depend on which methods exist.
+did-you-mean (the machinery is :mod:`peftjax.schema`). Method and strategy
+specs are kept as plain frozen mappings and are validated by their registries
+(``peftjax.methods.config_from_dict``, ``peftjax.strategies.strategy_from_dict``)
+when the run is built, so this module does not depend on which exist.
 
 Relative paths in a config (``data.source``, ``model.path``, ``output_dir``)
 are relative to the working directory of the process, as for any command-line
@@ -342,11 +344,12 @@ class TrainLoopConfig(Section):
         require(self.seed >= 0, "seed", "must not be negative (numpy and jax seeds are non-negative)")
 
 
-
-def _validate_method_spec(spec: FrozenDict) -> None:
-    kind = spec.get("type")
-    if not isinstance(kind, str) or not kind:
-        raise ConfigError(f"every method needs a string 'type' (lora, ia3, ...); got {spec.to_dict()!r}")
+def _validate_specs(specs: tuple[FrozenDict, ...], section: str, entry: str, examples: str) -> None:
+    for index, spec in enumerate(specs):
+        kind = spec.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"every {entry} needs a string 'type' ({examples}); got {spec.to_dict()!r}",
+                              f"{section}.{index}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -357,6 +360,7 @@ class ExperimentConfig(Section):
     output_dir: str | None = None
     model: ModelSpec
     methods: tuple[FrozenDict, ...] = ()
+    strategies: tuple[FrozenDict, ...] = ()
     data: DataConfig
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -369,17 +373,18 @@ class ExperimentConfig(Section):
 
     def _validate(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
-        for index, spec in enumerate(self.methods):
-            try:
-                _validate_method_spec(spec)
-            except ConfigError as error:
-                raise ConfigError(error.detail, f"methods.{index}") from None
+        _validate_specs(self.methods, "methods", "method", "lora, ia3, ...")
+        _validate_specs(self.strategies, "strategies", "strategy", "layer_freeze, ...")
         if self.data.task == "image_classification" and self.data.group_by_length:
             raise ConfigError("images have one shape; group_by_length applies to text", "data.group_by_length")
 
     def method_dicts(self) -> list[dict[str, Any]]:
         """Method specs as plain dicts, the form ``peftjax.methods.config_from_dict`` takes."""
         return [spec.to_dict() for spec in self.methods]
+
+    def strategy_dicts(self) -> list[dict[str, Any]]:
+        """Strategy specs as plain dicts, the form ``peftjax.strategies.strategy_from_dict`` takes."""
+        return [spec.to_dict() for spec in self.strategies]
 
     def to_yaml(self) -> str:
         """The resolved config as YAML; ``load_config`` reads it back to an equal config."""
@@ -393,7 +398,6 @@ class ExperimentConfig(Section):
     def from_json(cls, text: str) -> ExperimentConfig:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
-
 
 
 # --------------------------------------------------------------------------
@@ -428,12 +432,12 @@ def apply_overrides(config: ExperimentConfig, overrides: Iterable[str]) -> Exper
     return ExperimentConfig.from_dict(apply_overrides_to_tree(tree, overrides))
 
 
-
 def load_config(
     path: str | pathlib.Path,
     overrides: Iterable[str] = (),
     *,
     method_validator: Callable[[Mapping[str, Any]], Any] | None = None,
+    strategy_validator: Callable[[Mapping[str, Any]], Any] | None = None,
     split_sections: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Reads, overrides and validates an experiment config file (YAML or JSON).
@@ -444,7 +448,9 @@ def load_config(
     (:func:`peftjax.data.check_data_files`), which the commands run right after
     loading, not an hour into a run. ``method_validator`` (for example
     ``peftjax.methods.config_from_dict``) is called on each method spec; its
-    errors become ConfigErrors naming ``methods.N``. ``split_sections`` names
+    errors become ConfigErrors naming ``methods.N``; ``strategy_validator``
+    (``peftjax.strategies.strategy_from_dict``) likewise for ``strategies.N``,
+    keeping the key inside the entry (``strategies.0.layers``). ``split_sections`` names
     top-level sections another command owns (``peftjax rank-search``'s
     ``sweep``): each key's value is set to that section as the file and the
     overrides give it (None if absent), and the section is left out here.
@@ -465,4 +471,12 @@ def load_config(
                 method_validator(spec.to_dict())
             except (ValueError, TypeError) as error:
                 raise ConfigError(str(error), f"methods.{index}") from None
+    if strategy_validator is not None:
+        for index, spec in enumerate(config.strategies):
+            try:
+                strategy_validator(spec.to_dict())
+            except ConfigError as error:
+                raise error.prefixed(f"strategies.{index}.") from None
+            except (ValueError, TypeError) as error:
+                raise ConfigError(str(error), f"strategies.{index}") from None
     return config

@@ -83,7 +83,8 @@ def test_defaults_are_resolved(tmp_path):
     assert config.optim.name == "adamw" and config.schedule.decay == "linear"
     resolved = config.to_dict()
     assert resolved["data"]["bucket_lengths"] is None and resolved["train"]["precision"] == "fp32"
-    assert set(resolved) == {"name", "output_dir", "model", "methods", "data", "optim", "schedule", "train"}
+    sections = {"name", "output_dir", "model", "methods", "strategies", "data", "optim", "schedule", "train"}
+    assert set(resolved) == sections
 
 
 def test_round_trip_through_dict_yaml_and_json(tmp_path):

@@ -184,10 +184,7 @@ def scale_by_member_learning_rate() -> optax.GradientTransformation:
 
 def with_member_learning_rate(optimizer: PeftOptimizer) -> PeftOptimizer:
     """``optimizer`` (built at peak rate 1) followed by the member's rate, keeping its labels."""
-    chained = optax.chain(optimizer, scale_by_member_learning_rate())
-    result = PeftOptimizer(chained.init, chained.update)
-    result.labels = optimizer.labels
-    return result
+    return PeftOptimizer.with_labels(optax.chain(optimizer, scale_by_member_learning_rate()), optimizer.labels)
 
 
 # ----------------------------------------------------------------------------

@@ -334,6 +334,8 @@ def load_rank_search(path: str | pathlib.Path, overrides: Iterable[str] = ()) ->
     sections: dict[str, Any] = {SWEEP_KEY: None}
     config = load_config(path, overrides, method_validator=config_from_dict, split_sections=sections)
     check_data_files(config.data)
+    if config.strategies:
+        raise SweepError("rank search trains LoRA at many ranks on its own; remove the strategies", "strategies")
     sweep = SweepConfig.from_dict(sections[SWEEP_KEY])
     template_method(config)
     check_metrics(config, sweep)

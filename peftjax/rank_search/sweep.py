@@ -5,7 +5,7 @@ Two ways to train the same points:
 * ``batched``: per seed, the data and the base model are prepared once
   (``runner.prepare``); per target set, all ranks x rates are trained in one
   jitted program (``peftjax.rank_search.batched``), each member evaluated with
-  ``runner.evaluate`` on the padded, masked model that computes its rank-r LoRA.
+  ``tasks.evaluate`` on the padded, masked model that computes its rank-r LoRA.
 * ``sequential``: each point is its own run, built as ``peftjax train`` builds
   it (``prepare``: data, model, methods, optimizer; ``TrainState`` and
   ``make_train_step``), without the run's checkpoints and logs.
@@ -65,6 +65,7 @@ from peftjax.rank_search.summary import (
 from peftjax.train import runner
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
+from peftjax.train.tasks import evaluate
 
 RESULTS_JSON = "rank_search.json"
 RESULTS_CSV = "rank_search.csv"
@@ -148,7 +149,7 @@ def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mes
     for split in ("eval", "test"):
         if split in prep.task.splits:
             loader = prep.task.eval_loader(config.train.eval_batch_size, split)
-            found = runner.evaluate(model, loader, prep.loss_fn, mesh)
+            found = evaluate(model, loader, prep.loss_fn, mesh)
             scores.update({f"{split}_{k}": v for k, v in found.items()})
     return scores
 

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec
 
 import peftjax
 from peftjax.models import from_config
-from peftjax.train.runner import loss_and_stats
 from peftjax.train.sharding import global_batch, make_mesh, parameter_specs
+from peftjax.train.tasks import loss_and_stats
 
 loss_fn = loss_and_stats("classification")
 
