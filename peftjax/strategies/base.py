@@ -64,6 +64,7 @@ from flax import nnx
 
 from peftjax.config import DataConfig
 from peftjax.core.labels import PeftOptimizer, make_optimizer
+from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 from peftjax.methods.base import LabelRule
 from peftjax.models.common import ModelOutput
@@ -77,19 +78,8 @@ STRATEGY_MODULES = "training_strategies"
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 
-def register_strategy(name: str):
-    """Class decorator that registers a ``Strategy`` config under ``name`` (its YAML ``type``)."""
-
-    def register(cls: type[Strategy]) -> type[Strategy]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise PeftError(f"strategy name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        if not (issubclass(cls, Strategy) and dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
-            raise PeftError(f"{cls.__qualname__} must be a frozen dataclass subclassing Strategy to be registered")
-        cls.strategy = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
+# Class decorator that registers a ``Strategy`` under ``name``, its YAML ``type``: ``@register_strategy(name)``.
+register_strategy = registrar(_REGISTRY, "strategy", lambda: Strategy)
 
 
 def registered_strategies() -> dict[str, type[Strategy]]:

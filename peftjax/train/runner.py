@@ -200,8 +200,8 @@ class Prepared:
     streams: dict[str, data_lib.TaskData]  # the strategies' extra streams
 
     def stages(self, step: int) -> tuple[int, ...]:
-        """Each strategy's stage during optimizer step ``step`` (1-based; 0 and 1 alike
-        give the first stage, so a state saved after ``step`` steps was in ``stages(step)``)."""
+        """Each strategy's stage during optimizer step ``step`` (counted from 1): a state
+        saved after ``step`` steps holds this stage's labels; ``stages(0)`` is the first."""
         return stages_at(self.stage_starts, max(step - 1, 0))
 
     def optimizer_at(self, step: int) -> PeftOptimizer:
@@ -218,7 +218,9 @@ def _check_token_ids(config: ExperimentConfig, model: nnx.Module, tokenizer, tas
                                          config.model.name, task)
 
 
-def load_streams(config: ExperimentConfig, strategies, tokenizer, model) -> dict[str, data_lib.TaskData]:
+def load_streams(
+    config: ExperimentConfig, strategies: tuple[Strategy, ...], tokenizer, model: nnx.Module
+) -> dict[str, data_lib.TaskData]:
     """The strategies' extra streams, each read and tokenised like the main data;
     two strategies may share a stream by giving the same name and data."""
     wanted: dict[str, Any] = {}
@@ -286,7 +288,8 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     checkpointer = Checkpointer(out / "checkpoints", keep=loop.keep)
     meta: dict[str, Any] = {}
     if resume:  # the saved state has the labels of the stage its last step trained in
-        state, meta = checkpointer.restore(TrainState.create(prep.model, prep.optimizer_at(checkpointer.latest_step() or 0)))
+        saved_stage = prep.optimizer_at(checkpointer.latest_step() or 0)
+        state, meta = checkpointer.restore(TrainState.create(prep.model, saved_stage))
     else:
         state = TrainState.create(prep.model, prep.optimizer)
     if progress:  # the counts at start-up, as a reader checks them before trusting a run
