@@ -376,7 +376,6 @@ def _suggest_across_sections(cls: type, error: UnknownKeyError) -> ConfigError:
     return UnknownKeyError(error.key, suggestion, error.valid) if suggestion else error
 
 
-
 class ConfigDumper(yaml.SafeDumper):
     """Block style for sections, flow style for short lists of scalars (``[query, value]``)."""
 
@@ -460,7 +459,6 @@ def apply_overrides_to_tree(tree: dict[str, Any], overrides: Iterable[str]) -> d
     return tree
 
 
-
 def read_tree(path: pathlib.Path) -> dict[str, Any]:
     """Parses a YAML or JSON file; syntax errors name the file and line."""
     try:
@@ -487,4 +485,3 @@ def read_tree(path: pathlib.Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     return tree
-

@@ -11,4 +11,3 @@ class DataError(PeftError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A data file or folder the config names does not exist."""
-

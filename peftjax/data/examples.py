@@ -184,4 +184,3 @@ class TaskData:
         """The largest token id in any split (-1 for images)."""
         ids = [examples.max_token_id() for examples in self.splits.values() if isinstance(examples, TextExamples)]
         return max(ids, default=-1)
-

@@ -59,7 +59,6 @@ def _class_names_from_strings(values: list[Any]) -> tuple[str, ...] | None:
     return None
 
 
-
 _CACHE: collections.OrderedDict[tuple, TaskData] = collections.OrderedDict()
 _CACHE_SIZE = 4
 
@@ -182,4 +181,3 @@ def _language_model_examples(
         pad_id=pad_id,
         bucket_lengths=buckets,
     )
-

@@ -204,4 +204,3 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         step += 1
         self._state = LoaderState(epoch + 1, 0) if step == self._loader.steps_per_epoch else LoaderState(epoch, step)
         return batch
-

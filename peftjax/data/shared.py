@@ -78,4 +78,3 @@ def missing_file_error(path: pathlib.Path, what: str, tried: Sequence[pathlib.Pa
             f"(<repo>/../shared/data, e.g. sst2/train.tsv); set ${SHARED_DATA_ENV} if it lives elsewhere"
         )
     return DataFileNotFoundError(message)
-

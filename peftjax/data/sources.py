@@ -21,7 +21,7 @@ import numpy as np
 from peftjax.config import ConfigError, DataConfig
 from peftjax.data.errors import DataError
 from peftjax.data.shared import missing_file_error, shared_data_dir
-from peftjax.data.synthetic import _SYNTHETIC_TASKS, synthetic_sentiment
+from peftjax.data.synthetic import SYNTHETIC_TASKS, synthetic_sentiment
 
 SPLITS = ("train", "eval", "test")
 _TEXT_SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -92,7 +92,6 @@ def check_data_files(config: DataConfig) -> None:
             message = str(error)
             key = "data.source" if "data folder" in message or "is a file" in message else f"data.{split}_split"
             raise ConfigError(str(error), key) from None
-
 
 
 def select_rows(num_rows: int, limit: int | None, mode: str, seed: int) -> np.ndarray | None:
@@ -206,8 +205,8 @@ def _read_hub_table(config: DataConfig, name: str, split_name: str) -> _Table:
 
 
 def _read_synthetic_table(name: str, split: str) -> _Table:
-    if name not in _SYNTHETIC_TASKS:
-        raise DataError(f"unknown synthetic task {name!r}; built in: {list(_SYNTHETIC_TASKS)}")
+    if name not in SYNTHETIC_TASKS:
+        raise DataError(f"unknown synthetic task {name!r}; built in: {list(SYNTHETIC_TASKS)}")
     texts, labels = synthetic_sentiment(split)
     values = {"sentence": texts, "label": labels}
 
@@ -240,4 +239,3 @@ def split_sizes(config: DataConfig) -> dict[str, int]:
         if table is not None:
             sizes[split] = table.num_rows
     return sizes
-

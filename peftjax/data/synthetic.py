@@ -17,7 +17,7 @@ _NEUTRAL = (
 )  # fmt: skip
 _NEGATION = "not"
 _SYNTHETIC_SIZES = {"train": 2048, "eval": 512, "test": 512}
-_SYNTHETIC_TASKS = ("sentiment",)
+SYNTHETIC_TASKS = ("sentiment",)
 
 
 def synthetic_sentiment(split: str, num_rows: int | None = None) -> tuple[list[str], list[int]]:
@@ -57,4 +57,3 @@ def synthetic_sentiment(split: str, num_rows: int | None = None) -> tuple[list[s
 def synthetic_tokenizer() -> WordTokenizer:
     """The word tokenizer that covers the synthetic task's vocabulary."""
     return WordTokenizer(_POSITIVE + _NEGATIVE + _NEUTRAL + (_NEGATION,), name="peftjax-synthetic-words")
-

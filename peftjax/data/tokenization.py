@@ -191,4 +191,3 @@ def document_separator(tokenizer: Tokenizer) -> list[int]:
         if isinstance(value, int):
             return [value]
     return []
-
