@@ -6,9 +6,9 @@ step carries), asks for a second data stream, adds a loss term on both streams'
 pooled features, keeps LoRA frozen until step 3 (a two-stage label schedule),
 gives its probe a learning-rate multiplier, wraps the optimizer in
 ``optax.contrib.reduce_on_plateau`` (which needs the loss as ``value``), and
-records every boundary hook in the memory checkpoints keep. A run killed after
-step 5 and resumed from its step-3 checkpoint ends bitwise where the whole run
-ends.
+records every boundary hook in the memory checkpoints keep. A run that a hook
+interrupts after step 5, resumed from its step-3 checkpoint, ends bitwise where
+the whole run ends.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def test_lora_trains_only_from_its_stage_and_gets_its_optimizer_state_then(whole
     assert all(bool(np.any(v != 0)) for k, v in adapter.items() if k.endswith("lora_b"))
 
 
-def test_a_killed_run_resumes_through_stages_streams_and_memory_bitwise(whole, tmp_path):
+def test_an_interrupted_run_resumes_through_stages_streams_and_memory_bitwise(whole, tmp_path):
     reference, _ = whole
     CRASH_AT[:] = [5]
     try:
