@@ -11,9 +11,13 @@ import sys
 
 def _load(path: str, overrides: list[str]):
     from peftjax.config import load_config
+    from peftjax.data import check_data_files
     from peftjax.methods.base import config_from_dict
+    from peftjax.strategies import strategy_from_dict
 
-    return load_config(path, overrides, method_validator=config_from_dict)
+    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
+    check_data_files(config.data)
+    return config
 
 
 def _train(args) -> int:
@@ -27,8 +31,9 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from peftjax.core.adapter_io import load_adapter
-    from peftjax.train.runner import build_model, evaluate, load_task, loss_and_stats
+    from peftjax.train.runner import build_model, load_task
     from peftjax.train.sharding import make_mesh
+    from peftjax.train.tasks import evaluate, loss_and_stats
 
     config = _load(args.config, args.overrides)
     task, _ = load_task(config)

@@ -53,8 +53,8 @@ from peftjax.errors import PeftError
 from peftjax.models import registry
 from peftjax.models.factory import PRESETS, from_config
 from peftjax.models.loading import from_pretrained
-from peftjax.train.runner import HEADS, call_model, loss_and_stats
 from peftjax.train.state import TrainState, TrainStep, make_train_step
+from peftjax.train.tasks import HEADS, call_model, loss_and_stats
 
 # Dense peak FLOP/s of accelerators we may meet, by compute dtype (vendor data sheets, SXM parts).
 PEAK_FLOPS = {
