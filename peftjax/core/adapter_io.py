@@ -20,12 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import applied_methods, apply
 from peftjax.core.labels import param_labels
+from peftjax.core.new_head import new_head
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
 from peftjax.methods.base import FROZEN, config_from_dict
@@ -102,31 +103,59 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
+def saved_names(path: str | os.PathLike) -> set[str]:
+    """The dotted paths an adapter folder's weights file holds."""
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="np") as handle:
+        return set(handle.keys())
+
+
+def _misfit_hint(model: nnx.Module, missing: list[str], unexpected: list[str]) -> str:
+    """Why an adapter may not fit: a head trained or not, a model with another head."""
+    head = new_head(model)
+    if head is not None and head.trains and set(head.paths) & set(missing):
+        return (" The model's new head is not in the file: the adapter was trained with the head frozen. "
+                "Load the base with freeze_new_head=True (model.freeze_new_head: true) and the same seed.")
+    params = {dotted(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    roots = sorted({name.split(".", 1)[0] for name in unexpected})
+    if unexpected and not {name.split(".", 1)[0] for name in params} & set(roots):
+        return (f" The file's paths start with {roots} and this {type(model).__name__}'s do not: the adapter was "
+                "trained on another model, or on this one with a task head; load the base with the task it was "
+                "trained with (task='classification', 'causal_lm', ...; num_labels=N).")
+    return " Load it onto the base model it was trained on."
+
+
 def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """Apply the saved methods to ``model`` (a freshly loaded base) and fill in
     the saved parameters and running statistics. Everything is checked on an
     abstract copy first, so a mismatched file raises and leaves ``model`` as it
     was. Batch norms whose statistics the file holds are recorded as changed,
-    so that saving ``model`` again keeps them."""
+    so that saving ``model`` again keeps them. A new head (see
+    ``peftjax.core.new_head``) the file holds is filled in whether it trains
+    on ``model`` or not."""
     methods, arrays = _read(Path(path))
     abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
     expected = {k: tuple(v.get_value().shape) for k, v in adapter_variables(abstract).items()}
-    # Statistics beyond the required ones: those a train state updated in frozen batch norms.
-    statistics = {dotted(p): tuple(v.get_value().shape) for p, v in nnx.iter_graph(abstract) if isinstance(v, nnx.BatchStat)}
-    expected.update({k: shape for k, shape in statistics.items() if k in arrays})
+    # Beyond the required ones: the statistics a train state updated in frozen batch norms, and a frozen new head.
+    head = new_head(model)
+    head_paths = set(head.paths) if head is not None else set()
+    optional = {dotted(p): tuple(v.get_value().shape) for p, v in nnx.iter_graph(abstract)
+                if isinstance(v, nnx.BatchStat) or (isinstance(v, nnx.Param) and dotted(p) in head_paths)}
+    expected.update({k: shape for k, shape in optional.items() if k in arrays})
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
              if tuple(arrays[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         raise PeftError(
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
+            f"shape mismatches {wrong[:5]}." + _misfit_hint(model, missing, unexpected)
         )
     _attach(model, methods)
     for p, variable in nnx.iter_graph(model):
         name = dotted(p)
         if name in arrays:
             variable[...] = jax.numpy.asarray(arrays[name], dtype=variable.dtype)
+    statistics = {dotted(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat)}
     record_updated(model, {name.rpartition(".")[0] for name in arrays if name in statistics})
     return model
+
 

@@ -38,13 +38,14 @@ from peftjax.models.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
+from peftjax.core.new_head import mark_new_head
+from peftjax.models.factory import PRESETS
+from peftjax.models.names import CONFIG_NAME, WEIGHTS_INDEX_NAME, resolve_checkpoint
 from peftjax.points import InsertionPoint
 
 logger = logging.getLogger("peftjax.models")
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "tf_model.h5")
 
 # Checkpoint entries that are buffers, not parameters: never reported.
@@ -176,34 +177,6 @@ def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], l
 # --------------------------------------------------------------------------
 # Finding and opening checkpoints.
 # --------------------------------------------------------------------------
-
-
-def _resolve_folder(path: str | os.PathLike, revision: str | None) -> Path:
-    """A local checkpoint folder, fetching a Hub repo id through the HF cache."""
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder
-    text = str(path)
-    if folder.exists() or folder.is_absolute() or text.startswith((".", "~")):
-        raise CheckpointNotFoundError(
-            f"Checkpoint folder {text!r} does not exist or is not a folder. Pass a folder "
-            f"holding {CONFIG_NAME} and *.safetensors (e.g. one written by save_pretrained)."
-        )
-    try:
-        import huggingface_hub
-
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id=text,
-            revision=revision,
-            allow_patterns=[CONFIG_NAME, "*.safetensors", WEIGHTS_INDEX_NAME],
-        )
-    except Exception as error:  # offline miss, unknown repo, bad repo id, network
-        raise CheckpointNotFoundError(
-            f"{text!r} is not a local folder and could not be fetched from the Hugging Face "
-            f"Hub or its cache ({type(error).__name__}: {error}). Pass a local folder, or run "
-            "once with network access (HF_HUB_OFFLINE unset) to fill the cache."
-        ) from error
-    return Path(snapshot)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -339,16 +312,21 @@ def from_pretrained(
     config_overrides: Mapping[str, Any] | None = None,
     strict: bool = False,
     ignore_mismatched_sizes: bool = False,
+    freeze_new_head: bool = False,
+    adapter: str | os.PathLike | None = None,
     output_loading_info: bool = False,
 ) -> nnx.Module | tuple[nnx.Module, LoadReport]:
     """Loads a transformers checkpoint (config.json + safetensors) into a peftjax model.
 
     Args:
-        path: a local checkpoint folder, or a Hub repo id resolved through
-            ``huggingface_hub.snapshot_download`` (works offline from the cache).
-        task: which head to build ("base", "sequence-classification",
-            "token-classification", "causal-lm", "image-classification");
-            by default the checkpoint's ``architectures`` decide.
+        path: a local checkpoint folder, a packaged checkpoint's name
+            (``"minilm"``, see ``peftjax.models.names``), or a Hub repo id
+            resolved through ``huggingface_hub.snapshot_download`` (works
+            offline from the cache).
+        task: which head to build ("base", "classification",
+            "token_classification", "causal_lm", "image_classification", the
+            names ``data.task`` takes); by default the checkpoint's
+            ``architectures`` decide.
         num_labels: size of a classification head; overrides the checkpoint's.
         dtype: computation dtype. param_dtype: storage dtype of parameters.
         seed: an int or a typed PRNG key (``jax.random.key``); seeds newly
@@ -360,6 +338,13 @@ def from_pretrained(
         ignore_mismatched_sizes: re-initialise (and report) parameters whose
             checkpoint shape differs, e.g. a classifier with other labels,
             instead of raising.
+        freeze_new_head: keep the parameters the checkpoint lacks (a new
+            head) frozen. By default they train along with any PEFT method
+            applied later, as HF PEFT's ``modules_to_save`` for a task's head
+            (see ``peftjax.core.new_head``; ``peftjax.summary`` lists them).
+        adapter: a folder written by ``peftjax.save_adapter`` to load onto
+            the model (``peftjax.load_adapter``); parameters it fills are not
+            reported as newly initialised.
         output_loading_info: also return a ``LoadReport``.
 
     Returns:
@@ -372,7 +357,7 @@ def from_pretrained(
         ModelLoadError: unsupported ``model_type``, ``.bin``-only checkpoint,
             a shape mismatch, or a truncated/corrupt safetensors file.
     """
-    folder = _resolve_folder(path, revision)
+    folder = resolve_checkpoint(path, revision, presets=PRESETS)
     hf_config = _read_config(folder)
     model_type = hf_config.get("model_type")
     try:
@@ -413,10 +398,12 @@ def from_pretrained(
     handles = {file: _open(file) for file in sorted(set(files.values()))}
     plan: dict[tuple, tuple[str, str]] = {}
     missing, mismatched, used = [], [], set()
+    new_paths: dict[str, tuple] = {}  # checkpoint key -> path of each leaf initialised here
     for leaf_path, (hf_key, layout) in names.items():
         ckpt_key = by_canonical.get(_canonical(hf_key, prefix))
         if ckpt_key is None:
             missing.append(hf_key)
+            new_paths[hf_key] = leaf_path
             continue
         used.add(ckpt_key)
         torch_shape = handles[files[ckpt_key]].shape(ckpt_key)
@@ -424,6 +411,7 @@ def from_pretrained(
         if _model_shape(torch_shape, layout) != expected:
             torch_expected = _to_torch_shape(expected, layout)
             mismatched.append((ckpt_key, torch_shape, torch_expected))
+            new_paths[ckpt_key] = leaf_path
             continue
         plan[leaf_path] = (ckpt_key, layout)
 
@@ -481,14 +469,26 @@ def from_pretrained(
 
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     model.eval()
+    dotted_new = {key: ".".join(map(str, path)) for key, path in new_paths.items()}
+    params = [dotted_new[key] for key, path in new_paths.items() if isinstance(abstract_leaves[path], nnx.Param)]
+    mark_new_head(model, params, trains=not freeze_new_head)
+    filled = set()
+    if adapter is not None:
+        from peftjax.core.adapter_io import load_adapter, saved_names
 
-    if missing or reinitialised:
+        load_adapter(model, adapter)
+        filled = saved_names(adapter)
+    unfilled = [key for key in [*missing, *reinitialised] if dotted_new[key] not in filled]
+    if unfilled:
         logger.warning(
             "Some weights of %s were not initialised from the checkpoint at %s and are newly "
-            "initialised: [%s]. You should probably train this model on a downstream task.",
+            "initialised: [%s]. %s",
             model_cls.__name__,
             folder,
-            _summarise([*missing, *reinitialised]),
+            _summarise(unfilled),
+            "They stay frozen (freeze_new_head=True): train them with also_train, or load them with adapter=."
+            if freeze_new_head else
+            "They train along with the PEFT methods you apply (freeze_new_head=True keeps them frozen).",
         )
     if unexpected:
         logger.warning(

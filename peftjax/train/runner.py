@@ -48,7 +48,7 @@ from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
-from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
+from peftjax.train.tasks import evaluate, loss_and_stats
 
 RESULT_FILE = "result.json"
 
@@ -94,7 +94,7 @@ def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
 
     spec = config.model
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
-    kwargs = dict(task=HEADS[config.data.task], num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
+    kwargs = dict(task=config.data.task, num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
     folder = spec.checkpoint_dir()
     if folder is None:
         return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)

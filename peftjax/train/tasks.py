@@ -21,13 +21,6 @@ from peftjax.data import IGNORE_INDEX, BatchLoader
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
 
-# The model head each data task trains (``task=`` of ``peftjax.models.from_config``).
-HEADS = {
-    "classification": "sequence-classification",
-    "causal_lm": "causal-lm",
-    "image_classification": "image-classification",
-}
-
 Batch = dict[str, jax.Array]
 # (logits, batch) -> (mean loss, {"loss_sum", "correct", "count"})
 LogitsLoss = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]

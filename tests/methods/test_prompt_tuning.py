@@ -54,7 +54,7 @@ def test_bert_sequence_classification_pools_the_first_real_token(preset):
 
 
 def test_bert_token_classification_drops_the_virtual_positions():
-    model, base = prompted_and_base("bert-tiny", task="token-classification", num_labels=3)
+    model, base = prompted_and_base("bert-tiny", task="token_classification", num_labels=3)
     ids, mask = batch()
     out = model(ids, mask)
     assert out.logits.shape == (2, 8, 3)

@@ -41,14 +41,14 @@ def rbg_key(seed: int) -> jax.Array:
 @pytest.fixture(scope="module")
 def bert_folder(tiny_checkpoint, tmp_path_factory):
     """A BERT sequence classifier (3 labels), re-saved by peftjax."""
-    model = models.from_pretrained(tiny_checkpoint("bert-tiny", "sequence-classification"))
+    model = models.from_pretrained(tiny_checkpoint("bert-tiny", "classification"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("bert-seq"))
 
 
 @pytest.fixture(scope="module")
 def llama_folder(tiny_checkpoint, tmp_path_factory):
     """A tied-embedding Llama causal LM, re-saved by peftjax."""
-    model = models.from_pretrained(tiny_checkpoint("llama-tiny", "causal-lm"))
+    model = models.from_pretrained(tiny_checkpoint("llama-tiny", "causal_lm"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("llama"))
 
 
