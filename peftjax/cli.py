@@ -30,14 +30,13 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from peftjax.core.adapter_io import load_adapter
     from peftjax.train.runner import build_model, load_task
     from peftjax.train.sharding import make_mesh
     from peftjax.train.tasks import evaluate, loss_and_stats
 
     config = _load(args.config, args.overrides)
     task, _ = load_task(config)
-    model = load_adapter(build_model(config, task.num_labels), args.checkpoint)
+    model = build_model(config, task.num_labels, adapter=args.checkpoint)
     loss_fn, mesh = loss_and_stats(config.data.task), make_mesh()
     scores = {}
     for split in ("eval", "test"):

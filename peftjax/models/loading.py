@@ -179,7 +179,8 @@ def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], l
 # --------------------------------------------------------------------------
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
+    """The checkpoint folder's ``config.json`` as a dict; errors say what is missing."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir())[:20]
@@ -358,7 +359,7 @@ def from_pretrained(
             a shape mismatch, or a truncated/corrupt safetensors file.
     """
     folder = resolve_checkpoint(path, revision, presets=PRESETS)
-    hf_config = _read_config(folder)
+    hf_config = read_config(folder)
     model_type = hf_config.get("model_type")
     try:
         fam = registry.family(model_type)

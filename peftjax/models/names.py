@@ -15,6 +15,7 @@ the MiniLM package ships. The other full-size presets (``roberta-base``,
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -105,3 +106,33 @@ def resolve_checkpoint(path: str | os.PathLike, revision: str | None = None, pre
             "access (HF_HUB_OFFLINE unset) to fill the cache."
         ) from error
     return pathlib.Path(snapshot)
+
+
+# The normalisation each image family's checkpoints were trained with (their preprocessor_config.json).
+IMAGE_NORMALISATION = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "resnet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def image_defaults(model_config, folder: pathlib.Path | None) -> dict:
+    """``{"image_size", "image_mean", "image_std"}`` an image model takes.
+
+    The size is the config's ``image_size`` when the model has a fixed one (ViT),
+    else the checkpoint's preprocessor size, else 224. The normalisation is the
+    checkpoint's ``preprocessor_config.json`` when the folder has one, else the
+    family's (ViT 0.5/0.5, ResNet ImageNet's).
+    """
+    mean, std = IMAGE_NORMALISATION.get(model_config.model_type, ((0.5,) * 3, (0.5,) * 3))
+    size = getattr(model_config, "image_size", None)
+    preprocessor = folder / PREPROCESSOR_NAME if folder is not None else None
+    if preprocessor is not None and preprocessor.is_file():
+        saved = json.loads(preprocessor.read_text())
+        mean, std = tuple(saved.get("image_mean", mean)), tuple(saved.get("image_std", std))
+        side = saved.get("size")
+        if size is None and isinstance(side, dict):
+            size = side.get("height", side.get("shortest_edge"))
+        elif size is None and isinstance(side, int):
+            size = side
+    return {"image_size": size or 224, "image_mean": mean, "image_std": std}
