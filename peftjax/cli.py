@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
     bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, resnet-50, ...), minilm, or a folder")
-    bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
+    bench.add_argument("--methods", default="all",
+                       help="comma-separated YAML method types, with settings as type:field=value "
+                            "(full,lora,lora:rank=16,ia3,bottleneck:variant=pfeiffer,...), or 'all'")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--seq", type=int, default=128, help="tokens per example (text models)")
     bench.add_argument("--image-size", type=int, default=224, help="side of the square images (image models)")

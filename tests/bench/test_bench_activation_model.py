@@ -74,13 +74,13 @@ def kept_and_modelled(family: str, method: str, dtype) -> tuple[int, int]:
 @pytest.mark.parametrize(
     "family, method, dtype",
     [
-        ("bert", "lora-r8", jnp.float32),
+        ("bert", "lora", jnp.float32),
         ("bert", "full", jnp.float32),
-        ("bert", "pfeiffer", jnp.float32),
-        ("bert", "lora-r8", jnp.bfloat16),
-        ("llama", "lora-r8", jnp.bfloat16),
+        ("bert", "bottleneck:variant=pfeiffer", jnp.float32),
+        ("bert", "lora", jnp.bfloat16),
+        ("llama", "lora", jnp.bfloat16),
         ("llama", "full", jnp.bfloat16),
-        ("llama", "prefix", jnp.bfloat16),
+        ("llama", "prefix_tuning", jnp.bfloat16),
         ("llama", "linear_probe", jnp.bfloat16),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),
