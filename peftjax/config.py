@@ -216,8 +216,9 @@ class DataConfig(Section):
                 "text_columns",
                 f"needs one column, or two for sentence pairs; got {list(self.text_columns)}",
             )
-        if self.task == "causal_lm" and self.text_columns is not None:
-            require(len(self.text_columns) == 1, "text_columns", "causal_lm reads one text column")
+        if self.task == "causal_lm":
+            require(self.text_columns is None or len(self.text_columns) == 1, "text_columns",
+                    "causal_lm reads one text column")
         else:
             require(self.label_column is not None, "label_column", f"{self.task} needs a label column")
         if self.bucket_lengths is not None:
@@ -238,11 +239,9 @@ class DataConfig(Section):
             value = getattr(self, key)
             require(value is None or value >= 1, key, f"must be at least 1 (null keeps every row), got {value}")
         require(self.image_size is None or self.image_size >= 1, "image_size", "must be positive")
-        require((self.image_mean is None) == (self.image_std is None), "image_std",
-                "set image_mean and image_std together (null: the model's)")
-        if self.image_mean is not None:
+        if self.image_mean is not None and self.image_std is not None:
             require(len(self.image_mean) == len(self.image_std), "image_std", "needs one value per image_mean value")
-            require(all(s > 0 for s in self.image_std), "image_std", "values must be positive")
+        require(self.image_std is None or all(s > 0 for s in self.image_std), "image_std", "values must be positive")
         require(bool(self.train_split.strip()), "train_split", "every task needs a training split")
 
     def resolved_bucket_lengths(self) -> tuple[int, ...]:

@@ -229,7 +229,7 @@ def _read_synthetic_table(name: str, split: str) -> _Table:
     if name not in SYNTHETIC_TASKS:
         raise DataError(f"unknown synthetic task {name!r}; built in: {list(SYNTHETIC_TASKS)}")
     texts, labels = synthetic_sentiment(split)
-    values = {"sentence": texts, "label": labels}
+    values = {"sentence": texts, "text": texts, "label": labels}  # "text": the causal-LM default column
 
     def read(column: str, rows: np.ndarray | None) -> list[Any]:
         data = values[column]

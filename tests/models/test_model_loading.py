@@ -157,7 +157,7 @@ def test_hub_ids_go_through_snapshot_download(bert_folder, monkeypatch):
 
 def test_from_config_initialises_like_transformers():
     model = models.from_config("bert-tiny", seed=rbg_key(0))
-    assert not model.embeddings.dropout.deterministic  # built in training mode
+    assert model.embeddings.dropout.deterministic  # eval mode, as from_pretrained returns a model
     kernel = np.asarray(model.encoder.layer[0].attention.self.query.kernel[...])
     assert abs(kernel.std() - 0.02) < 0.004  # N(0, initializer_range)
     np.testing.assert_array_equal(model.embeddings.word_embeddings.embedding[0], 0.0)  # padding
