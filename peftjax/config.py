@@ -486,8 +486,8 @@ def load_config(
         raise ConfigError(error.detail + where, error.key) from None
     if method_validator is not None:
         for index, spec in enumerate(config.methods):
-            try:
-                method_validator(spec.to_dict())
+            try:  # adapter_name is the runner's, not the method's
+                method_validator({k: v for k, v in spec.to_dict().items() if k != "adapter_name"})
             except (ValueError, TypeError) as error:
                 raise ConfigError(str(error), f"methods.{index}") from None
     if strategy_validator is not None:
