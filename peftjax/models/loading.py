@@ -31,6 +31,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from peftjax.core.new_head import mark_new_head
 from peftjax.models import registry
 from peftjax.models.batch_norm import BatchNorm
 from peftjax.models.errors import (
@@ -38,7 +39,6 @@ from peftjax.models.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from peftjax.core.new_head import mark_new_head
 from peftjax.models.factory import PRESETS
 from peftjax.models.names import CONFIG_NAME, WEIGHTS_INDEX_NAME, resolve_checkpoint
 from peftjax.points import InsertionPoint

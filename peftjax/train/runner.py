@@ -88,7 +88,9 @@ def compute_dtype(config: ExperimentConfig):
     return jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
 
 
-def build_model(config: ExperimentConfig, num_labels: int | None, adapter: str | os.PathLike | None = None) -> nnx.Module:
+def build_model(
+    config: ExperimentConfig, num_labels: int | None, adapter: str | os.PathLike | None = None
+) -> nnx.Module:
     """The base model the config names (a checkpoint or a preset), with its head, and
     ``adapter`` (a saved adapter folder) loaded onto it when given."""
     from peftjax.models import from_config, from_pretrained
@@ -100,8 +102,8 @@ def build_model(config: ExperimentConfig, num_labels: int | None, adapter: str |
     if folder is None:
         model = from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
         return model if adapter is None else load_adapter(model, adapter)
-    return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
-                           ignore_mismatched_sizes=True, freeze_new_head=spec.freeze_new_head, adapter=adapter, **kwargs)
+    return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None, ignore_mismatched_sizes=True,
+                           freeze_new_head=spec.freeze_new_head, adapter=adapter, **kwargs)
 
 
 def with_model_defaults(config: ExperimentConfig) -> ExperimentConfig:
@@ -117,7 +119,10 @@ def with_model_defaults(config: ExperimentConfig) -> ExperimentConfig:
     from peftjax.models.names import image_defaults
 
     folder = config.model.checkpoint_dir()
-    model_config = preset_config(config.model.name) if folder is None else registry.config_from_hf_dict(read_config(folder))
+    if folder is None:
+        model_config = preset_config(config.model.name)
+    else:
+        model_config = registry.config_from_hf_dict(read_config(folder))
     defaults = image_defaults(model_config, folder)
     return dataclasses.replace(config, data=dataclasses.replace(data, **{key: defaults[key] for key in unset}))
 
