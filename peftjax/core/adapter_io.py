@@ -1,9 +1,18 @@
 """Adapter files: the trainable state alone, loadable onto a fresh base model.
 
-A saved adapter is a folder holding ``adapter_config.json`` (the applied
-methods, in order, with their adapter names) and ``adapter_model.safetensors``
-(every parameter the default labels train, by dotted path). Base weights are
-never written: a LoRA adapter of bert-base is a few hundred kilobytes.
+A saved adapter is a folder holding ``adapter_config.json`` and
+``adapter_model.safetensors``, in one of two formats:
+
+* peftjax's (the default): the config lists the applied methods, in order,
+  with their adapter names, and the weights are every parameter the default
+  labels train, by dotted path;
+* HF PEFT's (``format="peft"``): one adapter, which ``peft.PeftModel.
+  from_pretrained`` loads onto the transformers model (see
+  ``peftjax.core.hf_peft``).
+
+``load_adapter`` reads either, telling them apart by ``peft_type``. Base
+weights are never written: a LoRA adapter of bert-base is a few hundred
+kilobytes.
 """
 
 from __future__ import annotations
@@ -13,14 +22,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.flax import load_file
+from safetensors.numpy import save_file
 
-from peftjax.core.inject import applied_methods, apply
+from peftjax.core import hf_peft
+from peftjax.core.inject import DEFAULT_ADAPTER, applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
@@ -28,6 +40,7 @@ from peftjax.methods.base import FROZEN, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"  # what older PEFT versions wrote; never read
 FORMAT_VERSION = 1
 
 
@@ -44,21 +57,31 @@ def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
     return {name: np.asarray(jax.device_get(v.get_value())) for name, v in _trainable_variables(model).items()}
 
 
-def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal["peftjax", "peft"] = "peftjax") -> Path:
     """Write the model's adapters to the folder ``path`` atomically: the folder
-    appears complete or not at all (written beside it, then renamed)."""
-    methods = applied_methods(model)
-    if not methods:
+    appears complete or not at all (written beside it, then renamed).
+
+    ``format="peft"`` writes HF PEFT's layout (one adapter; see
+    ``peftjax.core.hf_peft``) for ``peft.PeftModel.from_pretrained``.
+    """
+    if not applied_methods(model):
         raise PeftError("the model has no adapters to save: apply a method first (peftjax.apply)")
+    if format == "peft":
+        config, arrays = hf_peft.to_hf(model)
+        metadata = {"format": "pt"}  # as torch-saved safetensors are marked
+    elif format == "peftjax":
+        config = {
+            "format_version": FORMAT_VERSION,
+            "methods": [{"adapter_name": name, **c.to_dict()} for name, c in applied_methods(model)],
+        }
+        arrays, metadata = adapter_state(model), None
+    else:
+        raise PeftError(f"format={format!r}: choose 'peftjax' or 'peft' (HF PEFT's layout)")
     path = Path(path)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "methods": [{"adapter_name": name, **config.to_dict()} for name, config in methods],
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(adapter_state(model), str(staging / WEIGHTS_FILE))
+        save_file(arrays, str(staging / WEIGHTS_FILE), metadata=metadata)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -69,24 +92,41 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _read(path: Path):
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not weights_file.is_file() and (path / PICKLE_FILE).is_file():
+        raise PeftError(
+            f"{path} holds {PICKLE_FILE} but no {WEIGHTS_FILE}: peftjax reads safetensors only (a pickle can run "
+            "code). Convert it once in PyTorch: peft.PeftModel.from_pretrained(base_model, DIR).save_pretrained(DIR)"
+        )
     for file in (config_file, weights_file):
         if not file.is_file():
             raise PeftError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
     try:
         config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise PeftError(f"{config_file} is not valid JSON: {err}") from None
+    try:
+        arrays = {k: np.asarray(v) for k, v in load_file(str(weights_file)).items()}
+    except (SafetensorError, OSError) as err:
+        raise PeftError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
+    return config, arrays
+
+
+def _methods(config: dict[str, Any], config_file: Path, adapter_name: str | None):
+    """The (adapter name, method config) pairs a peftjax adapter config lists."""
+    try:
         methods = []
         for entry in config["methods"]:
             entry = dict(entry)
             methods.append((entry.pop("adapter_name"), config_from_dict(entry)))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise PeftError(f"{config_file} is not a peftjax adapter config: {err}") from None
-    try:
-        arrays = load_file(str(weights_file))
-    except (SafetensorError, OSError) as err:
-        raise PeftError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
-    return methods, arrays
+    except (KeyError, TypeError) as err:
+        raise PeftError(f"{config_file} is neither a peftjax nor an HF PEFT adapter config: {err}") from None
+    if adapter_name is not None:
+        if len(methods) != 1:
+            raise PeftError(f"adapter_name= renames a single adapter; {config_file} holds {[n for n, _ in methods]}")
+        methods = [(adapter_name, methods[0][1])]
+    return methods
 
 
 def _attach(model: nnx.Module, methods) -> nnx.Module:
@@ -95,13 +135,31 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
-def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
+def _own_slots(model: nnx.Module) -> dict[str, hf_peft.Slot]:
+    """peftjax's layout: each trainable parameter as it is, by dotted path."""
+    same = lambda array: array  # noqa: E731
+    return {k: hf_peft.Slot(v, tuple(v.shape), same, same) for k, v in _trainable_variables(model).items()}
+
+
+def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: str | None = None) -> nnx.Module:
     """Apply the saved methods to ``model`` (a freshly loaded base) and fill in
-    the saved parameters. Everything is checked on an abstract copy first, so
-    a mismatched file raises and leaves ``model`` as it was."""
-    methods, arrays = _read(Path(path))
-    abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
-    expected = {k: tuple(v.get_value().shape) for k, v in _trainable_variables(abstract).items()}
+    the saved parameters, from a peftjax or an HF PEFT adapter folder (its
+    adapter is named ``adapter_name``, "default" if not given). Everything is
+    checked on an abstract copy first, so a file that does not fit raises and
+    leaves ``model`` as it was."""
+    path = Path(path)
+    config, arrays = _read(path)
+    if "peft_type" in config:
+        method = hf_peft.method_from_hf(config, source=str(path / CONFIG_FILE))
+        methods = [(adapter_name or DEFAULT_ADAPTER, method)]
+        slots_of = lambda m: hf_peft.slots(m, *methods[0])  # noqa: E731
+    else:
+        methods, slots_of = _methods(config, path / CONFIG_FILE, adapter_name), _own_slots
+    try:
+        abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
+    except PeftError as err:
+        raise PeftError(f"adapter at {path} does not fit this model: {err}") from None
+    expected = {k: slot.shape for k, slot in slots_of(abstract).items()}
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
              if tuple(arrays[k].shape) != expected[k]]
@@ -111,9 +169,6 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )
     _attach(model, methods)
-    for p, variable in nnx.iter_graph(model):
-        name = dotted(p)
-        if name in arrays:
-            variable[...] = jax.numpy.asarray(arrays[name], dtype=variable.dtype)
+    for key, slot in slots_of(model).items():
+        slot.variable[...] = jax.numpy.asarray(slot.from_torch(arrays[key]), dtype=slot.variable.dtype)
     return model
-

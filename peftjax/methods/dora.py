@@ -22,6 +22,8 @@ Merge writes g * (W + s B A) into the kernel and keeps the norm it used in an
 ``AdapterBuffer``; unmerge inverts it, W = W' / g - s B A, to float32
 rounding. Everything else (A, B, their initialisation, scaling, LoRA+) is
 LoRA's: the config subclasses ``LoraConfig`` and the wrapper ``LoraLinear``.
+In HF PEFT's format DoRA is LoRA with ``use_dora``, and m is
+``lora_magnitude_vector``. Unlike LoRA, it adapts linear and einsum layers only.
 
 DoRA must be the first adapter on a module: its norm is of the base kernel,
 and merging an adapter below it would change that kernel, so merged and
@@ -36,8 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.core.kernels import SUPPORTED_LAYERS
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, register_method
+from peftjax.methods.base import AdapterWrapper, HfTensor, register_method
 from peftjax.methods.lora import LoraConfig, LoraLinear
 from peftjax.variables import AdapterBuffer, AdapterParam
 
@@ -56,8 +59,13 @@ class DoraConfig(LoraConfig):
     """DoRA on linear and einsum kernels; the fields are LoRA's (rank, alpha,
     dropout, rslora, init, loraplus_lr_ratio)."""
 
+    target_types = SUPPORTED_LAYERS
+
     def wrap(self, module, *, adapter_name, rngs):
         return DoraLinear(module, self, adapter_name=adapter_name, rngs=rngs)
+
+    def to_hf(self):
+        return {**super().to_hf(), "use_dora": True}
 
 
 class DoraLinear(LoraLinear):
@@ -74,6 +82,9 @@ class DoraLinear(LoraLinear):
         param_dtype = self.base_layer.param_dtype
         self.magnitude = DoraMagnitude(self.adapted_norms().astype(param_dtype))
         self.merged_norm = DoraMergedNorm(jnp.ones(self.layout.out_shape, jnp.float32))
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        return {**super().hf_tensors(), "lora_magnitude_vector": HfTensor("magnitude", (0,), self.magnitude.shape)}
 
     def adapted_norms(self) -> jax.Array:
         """||W + s B A||_c in float32, as a constant for differentiation."""

@@ -20,6 +20,13 @@ fold into the kernel: output scaling multiplies the kernel's output columns
 and the bias by l, input scaling the kernel's input rows. Unmerge divides by
 l again, exact up to float32 rounding; a vector with a zero entry therefore
 refuses to merge.
+
+Left out, ``targets`` and ``feedforward`` take HF PEFT's defaults for the
+model's architecture: on BERT/RoBERTa the key and value projections and every
+``output.dense`` (the attention output's too, as HF PEFT's table has it), with
+``output.dense`` feed-forward; on Llama/Mistral k_proj, v_proj and down_proj
+(Qwen2: q_proj, v_proj, down_proj), with down_proj feed-forward. In HF PEFT's
+format l is ``ia3_l``, shaped (out, 1) or, feed-forward, (1, in).
 """
 
 from __future__ import annotations
@@ -34,8 +41,16 @@ from flax import nnx
 from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
 from peftjax.core.paths import ALL_LINEAR, Targets, dotted, matches, validate_targets
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.methods.base import AdapterWrapper, HfTensor, MethodConfig, model_type_of, register_method
 from peftjax.variables import AdapterParam
+
+
+# HF PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING.
+_DEFAULT_TARGETS = {
+    **dict.fromkeys(("bert", "roberta"), (("key", "value", "output.dense"), ("output.dense",))),
+    **dict.fromkeys(("llama", "mistral"), (("k_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+}
 
 
 class IA3Vector(AdapterParam):
@@ -50,18 +65,22 @@ class IA3Config(MethodConfig):
     Attributes:
       feedforward: which of the targets are feed-forward layers, whose input
         (not output) is scaled; same rules as ``targets`` (names or a regex).
-        For BERT key/value/FFN: ``targets=r".*\\.(key|value|layer\\.\\d+\\.output\\.dense)"``,
-        ``feedforward=r".*\\.layer\\.\\d+\\.output\\.dense"``; for Llama:
-        ``targets=["k_proj", "v_proj", "down_proj"]``, ``feedforward=["down_proj"]``.
+        For BERT key/value/FFN only: ``targets=r".*\\.(key|value|layer\\.\\d+\\.output\\.dense)"``,
+        ``feedforward=r".*\\.layer\\.\\d+\\.output\\.dense"``. ``None`` (the
+        default): HF PEFT's for the architecture, or none if it has no entry.
     """
 
     target_types = SUPPORTED_LAYERS
+    default_targets = {model_type: targets for model_type, (targets, _) in _DEFAULT_TARGETS.items()}
+    hf_peft_type = "IA3"
 
-    feedforward: Targets = ()
+    feedforward: Targets | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self.check(self.feedforward != ALL_LINEAR, "feedforward", "must name modules or be a regex, not 'all-linear'")
+        if self.feedforward is None:
+            return
         if isinstance(self.feedforward, str) or self.feedforward:
             try:
                 self._set("feedforward", validate_targets(self.feedforward, f"{type(self).__name__}.feedforward"))
@@ -74,8 +93,26 @@ class IA3Config(MethodConfig):
             missing = [name for name in self.feedforward if name not in self.targets]
             self.check(not missing, "feedforward", f"must be among targets; {missing} are not")
 
+    def for_model(self, model: nnx.Module) -> IA3Config:
+        config = super().for_model(model)
+        if config.feedforward is not None:
+            return config
+        feedforward = _DEFAULT_TARGETS[model_type_of(model)][1] if model_type_of(model) in _DEFAULT_TARGETS else ()
+        return dataclasses.replace(config, feedforward=feedforward)
+
     def is_feedforward(self, path: str) -> bool:
         return matches(path, self.feedforward) if self.feedforward else False
+
+    def to_hf(self):
+        feedforward = self.feedforward if isinstance(self.feedforward, str) else list(self.feedforward or ())
+        return {"peft_type": "IA3", "feedforward_modules": feedforward}
+
+    @classmethod
+    def from_hf(cls, fields, **common):
+        fields.pop("init_ia3_weights", None)  # how l starts: irrelevant to a trained adapter
+        feedforward = fields.pop("feedforward_modules", None)
+        # HF PEFT matches a listed name by a plain suffix; a dotted suffix selects the same modules in our models.
+        return cls(feedforward=feedforward if feedforward is None or isinstance(feedforward, str) else tuple(feedforward), **common)
 
     def wrap_all(
         self, modules: Sequence[nnx.Module], *, model: nnx.Module, adapter_name: str, rngs: nnx.Rngs
@@ -113,6 +150,12 @@ class IA3Linear(AdapterWrapper):
             )
         y = self.base(x)
         return self.layout.scale(y, self.layout.output_spec, self.ia3_l[...].astype(y.dtype), axes=self.axes)
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        if isinstance(self.base_layer, nnx.Einsum):
+            raise PeftError(f"{type(self).__name__} on an nnx.Einsum has no HF PEFT form (HF PEFT adapts nn.Linear)")
+        (size,) = self.ia3_l.shape
+        return {"ia3_l": HfTensor("ia3_l", (0,), (1, size) if self.scales_input else (size, 1))}
 
     def _rescale(self, vector: jax.Array, *, divide: bool) -> None:
         """Multiply (or divide) the kernel along ``axes`` by ``vector``, and the

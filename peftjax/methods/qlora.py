@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.core.kernels import KernelLayout
+from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
 from peftjax.errors import PeftError
 from peftjax.methods import nf4
 from peftjax.methods.base import AdapterWrapper, register_method
@@ -61,6 +61,8 @@ class QLoraConfig(LoraConfig):
       absmax_block_size: block scales per 8-bit block under double
         quantisation (256 in the paper).
     """
+
+    target_types = SUPPORTED_LAYERS
 
     double_quant: bool = True
     block_size: int = 64
