@@ -117,10 +117,13 @@ class LoraConfig(MethodConfig):
                 f"init_lora_weights={init!r}: only adapters initialised as plain LoRA (true, false or 'gaussian') "
                 "load on an unchanged base model; convert the adapter to plain LoRA in HF PEFT first"
             )
+        for unused_unless_set in ("megatron_core", "qalora_group_size"):  # read only with megatron_config / use_qalora
+            fields.pop(unused_unless_set, None)
         config_cls = registered_methods()["dora"] if fields.pop("use_dora", False) else cls  # DoRA is a LoRA flag there
-        return config_cls(rank=fields.pop("r", 8), alpha=float(fields.pop("lora_alpha", 8)),
-                   dropout=fields.pop("lora_dropout", 0.0), rslora=fields.pop("use_rslora", False),
-                   init="gaussian" if init == "gaussian" else "kaiming", **common)
+        return config_cls(
+            rank=fields.pop("r", 8), alpha=float(fields.pop("lora_alpha", 8)), dropout=fields.pop("lora_dropout", 0.0),
+            rslora=fields.pop("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming", **common
+        )
 
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
         rules = super().label_rules(model)
