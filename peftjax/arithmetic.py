@@ -141,6 +141,9 @@ def combine_adapters(
     not_lora = {n: type(configs[n]).__name__ for n in weights if type(configs[n]) is not LoraConfig}
     if not_lora:
         raise PeftError(f"combine_adapters combines plain LoRA adapters; {not_lora} are not")
+    head = [n for n in weights if configs[n].also_train]
+    if head:
+        raise PeftError(f"adapters {head} also train base parameters (also_train), which have no combined form")
     if combination not in (*_PER_FACTOR, "svd", "cat"):
         raise PeftError(f"combination={combination!r}: choose one of {['svd', 'cat', *_PER_FACTOR]}")
     if combination in _PRUNING and (density is None or not 0 <= density <= 1):

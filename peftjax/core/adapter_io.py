@@ -150,17 +150,19 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     path = Path(path)
     config, arrays = _read(path)
     if "peft_type" in config:
-        method = hf_peft.method_from_hf(config, source=str(path / CONFIG_FILE))
-        methods = [(adapter_name or DEFAULT_ADAPTER, method)]
+        name = adapter_name or DEFAULT_ADAPTER
+        methods = [(name, hf_peft.method_from_hf(config, model, source=str(path / CONFIG_FILE)))]
         slots_of = lambda m: hf_peft.slots(m, *methods[0])  # noqa: E731
+        copies_of = lambda abstract: hf_peft.base_copies(abstract, model, name)  # noqa: E731
     else:
         methods, slots_of = _methods(config, path / CONFIG_FILE, adapter_name), _own_slots
+        copies_of = lambda abstract: {}  # noqa: E731
     try:
         abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
     except PeftError as err:
         raise PeftError(f"adapter at {path} does not fit this model: {err}") from None
-    expected = {k: slot.shape for k, slot in slots_of(abstract).items()}
-    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    expected, copies = {k: slot.shape for k, slot in slots_of(abstract).items()}, copies_of(abstract)
+    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected) - set(copies))
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
              if tuple(arrays[k].shape) != expected[k]]
     if missing or unexpected or wrong:
@@ -168,7 +170,13 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )
+    replaced = [k for k in copies.keys() & arrays.keys() if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
+    if replaced:
+        raise PeftError(
+            f"adapter at {path} holds base tables that differ from this model's ({replaced}; a resized vocabulary?). "
+            "peftjax adapters leave base weights alone: load the base model those tables belong to."
+        )
     _attach(model, methods)
     for key, slot in slots_of(model).items():
-        slot.variable[...] = jax.numpy.asarray(slot.from_torch(arrays[key]), dtype=slot.variable.dtype)
+        slot.variable[...] = jax.numpy.asarray(slot.from_file(arrays[key]), dtype=slot.variable.dtype)
     return model

@@ -174,15 +174,17 @@ class MethodConfig:
             )
         return table[model_type]
 
-    def to_hf(self) -> dict[str, Any]:
-        """The method's own fields of an HF PEFT ``adapter_config.json``, ``peft_type`` included."""
+    def to_hf(self, names) -> dict[str, Any]:
+        """The method's own fields of an HF PEFT ``adapter_config.json``, ``peft_type``
+        included; ``names.to_hf`` writes a module selector of its own (IA3's feedforward)."""
         raise PeftError(f"{type(self).__name__} has no HF PEFT form; save it in peftjax's format (format='peftjax')")
 
     @classmethod
-    def from_hf(cls, fields: Mapping[str, Any], **common: Any) -> MethodConfig:
+    def from_hf(cls, fields: dict[str, Any], names, **common: Any) -> MethodConfig:
         """The config an HF PEFT ``adapter_config.json`` describes. ``fields`` are
         the method's own: ``from_hf`` pops those it reads, and the caller refuses
-        any left that is set. ``common`` holds ``targets``, ``exclude`` and ``also_train``."""
+        any left that is set; ``names.from_hf`` reads a module selector of its
+        own. ``common`` holds ``targets``, ``exclude`` and ``also_train``."""
         raise PeftError(f"{cls.__name__} cannot read HF PEFT configs")
 
     def wrap(self, module: nnx.Module, *, adapter_name: str, rngs: nnx.Rngs) -> AdapterWrapper:

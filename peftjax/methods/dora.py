@@ -64,8 +64,8 @@ class DoraConfig(LoraConfig):
     def wrap(self, module, *, adapter_name, rngs):
         return DoraLinear(module, self, adapter_name=adapter_name, rngs=rngs)
 
-    def to_hf(self):
-        return {**super().to_hf(), "use_dora": True}
+    def to_hf(self, names):
+        return {**super().to_hf(names), "use_dora": True}
 
 
 class DoraLinear(LoraLinear):

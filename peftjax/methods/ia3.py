@@ -103,16 +103,14 @@ class IA3Config(MethodConfig):
     def is_feedforward(self, path: str) -> bool:
         return matches(path, self.feedforward) if self.feedforward else False
 
-    def to_hf(self):
-        feedforward = self.feedforward if isinstance(self.feedforward, str) else list(self.feedforward or ())
-        return {"peft_type": "IA3", "feedforward_modules": feedforward}
+    def to_hf(self, names):
+        return {"peft_type": "IA3", "feedforward_modules": names.to_hf(self.feedforward)}
 
     @classmethod
-    def from_hf(cls, fields, **common):
+    def from_hf(cls, fields, names, **common):
         fields.pop("init_ia3_weights", None)  # how l starts: irrelevant to a trained adapter
-        feedforward = fields.pop("feedforward_modules", None)
-        # HF PEFT matches a listed name by a plain suffix; a dotted suffix selects the same modules in our models.
-        return cls(feedforward=feedforward if feedforward is None or isinstance(feedforward, str) else tuple(feedforward), **common)
+        # HF PEFT matches a listed feed-forward name by a plain suffix; a dotted suffix selects the same modules here.
+        return cls(feedforward=names.from_hf(fields.pop("feedforward_modules", None)), **common)
 
     def wrap_all(
         self, modules: Sequence[nnx.Module], *, model: nnx.Module, adapter_name: str, rngs: nnx.Rngs

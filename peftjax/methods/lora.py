@@ -105,12 +105,12 @@ class LoraConfig(MethodConfig):
         wrapper = LoraEmbed if isinstance(layer, nnx.Embed) else LoraLinear
         return wrapper(module, self, adapter_name=adapter_name, rngs=rngs)
 
-    def to_hf(self):
+    def to_hf(self, names):
         return dict(peft_type="LORA", r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                     use_rslora=self.rslora, use_dora=False, init_lora_weights=True if self.init == "kaiming" else "gaussian")
 
     @classmethod
-    def from_hf(cls, fields, **common):
+    def from_hf(cls, fields, names, **common):
         init = fields.pop("init_lora_weights", True)
         if init not in (True, False, "gaussian"):
             raise PeftError(

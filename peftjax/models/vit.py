@@ -25,6 +25,19 @@ from peftjax.models.common import Array, ModelOutput
 from peftjax.points import BranchOutput, InputEmbeddings
 
 
+# transformers 5's in-memory names of ViT's modules, from the checkpoint's: its conversion_mapping's
+# "ViTModel" renames, in order. HF PEFT's target_modules and adapter keys name modules this way.
+HF_MODULE_RENAMES = (
+    (r"encoder\.layer\.", "layers."),
+    (r"attention\.query", "q_proj"),
+    (r"attention\.key", "k_proj"),
+    (r"attention\.value", "v_proj"),
+    (r"attention\.output\.dense", "attention.o_proj"),
+    (r"intermediate\.dense", "mlp.fc1"),
+    (r"output\.dense", "mlp.fc2"),
+)
+
+
 def _square(name: str, value: Any) -> int:
     """transformers allows (h, w) pairs; peftjax supports square images/patches."""
     if isinstance(value, (list, tuple)):
@@ -292,6 +305,7 @@ class ViTModel(nnx.Module):
 
     output_head_names: ClassVar[tuple[str, ...]] = ()
     hf_architecture_suffix: ClassVar[str] = "Model"
+    hf_module_renames: ClassVar[tuple[tuple[str, str], ...]] = HF_MODULE_RENAMES
 
     def __init__(
         self,
@@ -326,6 +340,7 @@ class ViTForImageClassification(nnx.Module):
 
     output_head_names: ClassVar[tuple[str, ...]] = ("classifier",)
     hf_architecture_suffix: ClassVar[str] = "ForImageClassification"
+    hf_module_renames: ClassVar[tuple[tuple[str, str], ...]] = HF_MODULE_RENAMES
 
     def __init__(
         self,
