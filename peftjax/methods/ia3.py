@@ -67,7 +67,8 @@ class IA3Config(MethodConfig):
         (not output) is scaled; same rules as ``targets`` (names or a regex).
         For BERT key/value/FFN only: ``targets=r".*\\.(key|value|layer\\.\\d+\\.output\\.dense)"``,
         ``feedforward=r".*\\.layer\\.\\d+\\.output\\.dense"``. ``None`` (the
-        default): HF PEFT's for the architecture, or none if it has no entry.
+        default): HF PEFT's for the architecture (those among listed targets),
+        or none if it has no entry.
     """
 
     target_types = SUPPORTED_LAYERS
@@ -98,6 +99,8 @@ class IA3Config(MethodConfig):
         if config.feedforward is not None:
             return config
         feedforward = _DEFAULT_TARGETS[model_type_of(model)][1] if model_type_of(model) in _DEFAULT_TARGETS else ()
+        if isinstance(config.targets, tuple):  # a default feed-forward name that is not a target selects nothing
+            feedforward = tuple(name for name in feedforward if name in config.targets)
         return dataclasses.replace(config, feedforward=feedforward)
 
     def is_feedforward(self, path: str) -> bool:
