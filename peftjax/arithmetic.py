@@ -90,9 +90,9 @@ def _combine(factors, weights, combination, rank, density, majority_sign, rng) -
         return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]), np.pad(b, [(0, pad)] + [(0, 0)] * (b.ndim - 1))
     if combination in _PER_FACTOR:
         signed = np.array([math.copysign(math.sqrt(abs(w * s)), w * s) for (_, _, s), w in zip(factors, weights)])
-        a = _merge([a for a, _, _ in factors], signed.astype(np.float32), combination, density, majority_sign, rng)
-        b = _merge([b for _, b, _ in factors], np.abs(signed).astype(np.float32), combination, density, majority_sign, rng)
-        return a, b
+        signed = signed.astype(np.float32)
+        options = (combination, density, majority_sign, rng)
+        return _merge([a for a, _, _ in factors], signed, *options), _merge([b for _, b, _ in factors], abs(signed), *options)
     # svd (and its pruned variants in HF PEFT, not offered here): on the summed update.
     in_shape, out_shape = factors[0][0].shape[:-1], factors[0][1].shape[1:]
     deltas = [s * a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1) for a, b, s in factors]
@@ -147,7 +147,7 @@ def combine_adapters(
     if combination not in (*_PER_FACTOR, "svd", "cat"):
         raise PeftError(f"combination={combination!r}: choose one of {['svd', 'cat', *_PER_FACTOR]}")
     if combination in _PRUNING and (density is None or not 0 <= density <= 1):
-        raise PeftError(f"combination={combination!r} needs density in [0, 1] (the share of entries kept), got {density}")
+        raise PeftError(f"combination={combination!r} needs density in [0, 1] (the share of entries kept): {density}")
     if majority_sign not in ("total", "frequency"):
         raise PeftError(f"majority_sign={majority_sign!r}: choose 'total' or 'frequency'")
     combination = "linear" if len(weights) == 1 else combination  # as HF PEFT: one adapter is only scaled

@@ -170,7 +170,8 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )
-    replaced = [k for k in copies.keys() & arrays.keys() if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
+    replaced = [k for k in copies.keys() & arrays.keys()
+                if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
     if replaced:
         raise PeftError(
             f"adapter at {path} holds base tables that differ from this model's ({replaced}; a resized vocabulary?). "

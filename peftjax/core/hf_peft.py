@@ -82,9 +82,8 @@ class ModuleNames:
         """An HF PEFT selector as peftjax targets: the same modules, chosen by their transformers paths."""
         if selector is None or not self.renames:
             return selector if isinstance(selector, str) or selector is None else tuple(selector)
-        if isinstance(selector, str):
-            return tuple(p for p in self.paths if re.fullmatch(selector, self.path(p)))
-        return tuple(p for p in self.paths if any(self.path(p) == t or self.path(p).endswith("." + t) for t in selector))
+        selector = selector if isinstance(selector, str) else list(selector)
+        return tuple(p for p in self.paths if matches(self.path(p), selector))
 
 
 def readers() -> dict[str, type[MethodConfig]]:
@@ -144,9 +143,8 @@ def slots(model: nnx.Module, adapter_name: str, config: MethodConfig) -> dict[st
             continue
         for name, tensor in wrapper.hf_tensors().items():
             variable = getattr(wrapper, tensor.attribute)
-            found[f"{PREFIX}{names.path(path)}.{name}"] = Slot(
-                variable, tensor.shape, tensor.to_torch, functools.partial(tensor.from_torch, ours=tuple(variable.shape))
-            )
+            from_torch = functools.partial(tensor.from_torch, ours=tuple(variable.shape))
+            found[f"{PREFIX}{names.path(path)}.{name}"] = Slot(variable, tensor.shape, tensor.to_torch, from_torch)
     variables = dict(nnx.iter_graph(model))
     for path, (owner, leaf, layout) in _trained_base_params(model, config).items():
         variable = variables[path]
@@ -181,8 +179,9 @@ def to_hf(model: nnx.Module) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     adapter_name, config = _only_adapter(model)
     names = ModuleNames(model)
     wrapped = sorted(path for path, w in iter_wrappers(model) if w.adapter_name == adapter_name)
+    targets = [names.path(p) for p in wrapped] if config.targets == ALL_LINEAR else names.to_hf(config.targets)
     common = {  # "all-linear" spelled out, as HF PEFT saves it
-        "target_modules": [names.path(p) for p in wrapped] if config.targets == ALL_LINEAR else names.to_hf(config.targets),
+        "target_modules": targets,
         "exclude_modules": names.to_hf(config.exclude) or None,
         "modules_to_save": _modules_to_save(model, _trained_base_params(model, config), names),
         "task_type": None,
@@ -219,14 +218,15 @@ def method_from_hf(config: Mapping[str, Any], model: nnx.Module, *, source: str)
     if isinstance(exclude, str):
         raise PeftError(f"{source}: exclude_modules={exclude!r} is a regex; peftjax's exclude takes module names")
     names = ModuleNames(model)
+    saved = names.from_hf(config.get("modules_to_save") or [])
     common = dict(
         targets=names.from_hf(targets),
         exclude=tuple(names.from_hf(list(exclude))),
-        also_train=tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in names.from_hf(config.get("modules_to_save") or [])),
+        also_train=tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in saved),  # every parameter under the module
     )
     try:
         method = known[peft_type].from_hf(fields, names, **common)
-    except TypeError as err:
+    except (TypeError, PeftError) as err:  # a field of the wrong type, or a value peftjax refuses
         raise PeftError(f"{source}: {err}") from None
     unread = {k: v for k, v in fields.items() if _is_set(v)}
     if unread:

@@ -98,7 +98,7 @@ class IA3Config(MethodConfig):
         config = super().for_model(model)
         if config.feedforward is not None:
             return config
-        feedforward = _DEFAULT_TARGETS[model_type_of(model)][1] if model_type_of(model) in _DEFAULT_TARGETS else ()
+        _, feedforward = _DEFAULT_TARGETS.get(model_type_of(model), ((), ()))
         if isinstance(config.targets, tuple):  # a default feed-forward name that is not a target selects nothing
             feedforward = tuple(name for name in feedforward if name in config.targets)
         return dataclasses.replace(config, feedforward=feedforward)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.core.kernels import SUPPORTED_LAYERS
-from peftjax.core.layouts import EmbedLayout, low_rank_layout
+from peftjax.core.layouts import low_rank_layout
 from peftjax.errors import PeftError
 from peftjax.methods.base import AdapterWrapper, HfTensor, LabelRule, MethodConfig, register_method, registered_methods
 from peftjax.variables import AdapterParam
@@ -66,7 +66,8 @@ class LoraConfig(MethodConfig):
       init: how A starts. ``"kaiming"``: uniform on +-1/sqrt(fan_in), the
         default of HF PEFT and the LoRA reference code (torch's
         ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: normal with std 1/r.
-        B always starts at zero.
+        B starts at zero (on an embedding table, A starts at zero and B
+        standard normal, as in HF PEFT).
       loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
         16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
         the model takes the ratio, so two stacked LoRA+ adapters must agree.
@@ -106,8 +107,9 @@ class LoraConfig(MethodConfig):
         return wrapper(module, self, adapter_name=adapter_name, rngs=rngs)
 
     def to_hf(self, names):
+        init = True if self.init == "kaiming" else "gaussian"
         return dict(peft_type="LORA", r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                    use_rslora=self.rslora, use_dora=False, init_lora_weights=True if self.init == "kaiming" else "gaussian")
+                    use_rslora=self.rslora, use_dora=False, init_lora_weights=init)
 
     @classmethod
     def from_hf(cls, fields, names, **common):
@@ -195,7 +197,7 @@ class LoraEmbed(LoraLinear):
 
     def __init__(self, base: nnx.Module, config: LoraConfig, *, adapter_name: str, rngs: nnx.Rngs):
         AdapterWrapper.__init__(self, base, adapter_name=adapter_name)
-        self.layout: EmbedLayout = low_rank_layout(self.base_layer)
+        self.layout = low_rank_layout(self.base_layer)
         self.scale = config.scale
         param_dtype = self.base_layer.param_dtype
         self.lora_a = LoraA(jnp.zeros(self.layout.down_shape(config.rank), param_dtype))
@@ -210,7 +212,7 @@ class LoraEmbed(LoraLinear):
         return y + self.scale * self.layout.project_up(h, self.lora_b[...].astype(y.dtype))
 
     def attend(self, query: jax.Array) -> jax.Array:
-        return self.base.attend(query)
+        return self.base_layer.attend(query)
 
     def hf_tensors(self) -> dict[str, HfTensor]:
         (vocab, rank), features = self.lora_a.shape, self.lora_b.shape[1]

@@ -28,11 +28,13 @@ from flax import nnx  # noqa: E402
 
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
+from peftjax.core.hf_peft import PREFIX, ModuleNames  # noqa: E402
 from peftjax.methods.lora import LoraB  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+BaseTunerLayer = pytest.importorskip("peft.tuners.tuners_utils").BaseTunerLayer
 
 ATOL = 1e-4
 # initializer_range 0.3, not 0.02: outputs of order 1, so a gap under ATOL means something.
@@ -56,7 +58,6 @@ FAMILIES = {  # name -> (transformers config class, model class, config fields)
 
 EXPORT = {  # peftjax adapters trained here, loaded by HF PEFT
     "bert-lora-head": ("bert", peftjax.LoraConfig(rank=4, alpha=8, also_train=(r"classifier\..*",))),
-    "bert-ia3": ("bert", peftjax.IA3Config()),
     "roberta-dora": ("roberta", peftjax.DoraConfig(rank=4, alpha=8)),
     "llama-rslora-embed": ("llama", peftjax.LoraConfig(rank=4, alpha=8, rslora=True,
                                                        targets=["q_proj", "v_proj", "embed_tokens"])),
@@ -171,7 +172,7 @@ def exported(request, checkpoints, tmp_path_factory):
 def test_export_loads_in_hf_peft_with_equal_logits(exported, checkpoints):
     row, inputs, model, folder = exported
     family, config = EXPORT[row]
-    moved = [v for v in jax.tree.leaves(nnx.state(model, LoraB))] or jax.tree.leaves(nnx.state(model, peftjax.AdapterParam))
+    moved = jax.tree.leaves(nnx.state(model, LoraB)) or jax.tree.leaves(nnx.state(model, peftjax.AdapterParam))
     start = 0.0 if isinstance(config, peftjax.LoraConfig) else 1.0
     assert all(bool(jnp.any(v != start)) for v in moved), "training moved every adapter tensor"
     theirs = peft.PeftModel.from_pretrained(load_theirs(checkpoints[family]), folder).eval()
@@ -182,14 +183,15 @@ def test_export_loads_in_hf_peft_with_equal_logits(exported, checkpoints):
 
 
 def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
-    row, _, _, folder = exported
+    row, _, model, folder = exported
     family, config = EXPORT[row]
     written = json.loads((folder / "adapter_config.json").read_text())
     config_cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[written["peft_type"]]
     assert set(written) <= {f.name for f in dataclasses.fields(config_cls)}
     theirs = peft.PeftModel.from_pretrained(load_theirs(checkpoints[family]), folder)
     # save_embedding_layers=False: HF PEFT would also copy the base table of a targeted embedding, which we leave out
-    expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(theirs, save_embedding_layers=False).items()}
+    state = peft.get_peft_model_state_dict(theirs, save_embedding_layers=False)
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     from safetensors.numpy import load_file
 
     assert {k: v.shape for k, v in load_file(folder / "adapter_model.safetensors").items()} == expected
@@ -197,6 +199,12 @@ def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
     if isinstance(config, peftjax.LoraConfig):
         assert (read.r, read.lora_alpha, read.use_rslora, read.use_dora) == (
             config.rank, config.alpha, config.rslora, isinstance(config, peftjax.DoraConfig))
+    names = ModuleNames(model)
+    layers = {n.removeprefix(PREFIX): m for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert layers.keys() == {names.path(path) for path, _ in peftjax.iter_wrappers(model)}, "the same modules adapted"
+    if isinstance(config, peftjax.IA3Config):
+        feedforward = {path for path, w in peftjax.iter_wrappers(model) if w.scales_input}
+        assert {n for n, m in layers.items() if m.is_feedforward} == {names.path(p) for p in feedforward}
 
 
 def test_export_through_pytorch_and_back_is_bitwise(exported, checkpoints, tmp_path):
@@ -293,7 +301,8 @@ def test_a_pickle_only_adapter_is_refused(checkpoints, bert_adapter):
 
 
 def test_a_copied_base_table_must_be_the_models_own(checkpoints, tmp_path, unchanged):
-    theirs = peft.get_peft_model(load_theirs(checkpoints["llama"]), peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    config = peft.LoraConfig(r=4, target_modules=["embed_tokens"])
+    theirs = peft.get_peft_model(load_theirs(checkpoints["llama"]), config)
     with torch.no_grad():
         theirs.base_model.model.model.embed_tokens.base_layer.weight[3] += 1.0  # as if resized and retrained
     theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
@@ -323,3 +332,21 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert "(('default', LoraConfig(targets=('query', 'value'), " in capsys.readouterr().out
+
+
+def test_convert_adapter_command(checkpoints, tmp_path):
+    from peftjax import cli
+
+    base, inputs = checkpoints["bert"], batch("bert")
+    model = peftjax.apply(load_ours(base), peftjax.LoraConfig(rank=2, alpha=4))
+    for _, wrapper in peftjax.iter_wrappers(model):
+        wrapper.lora_b[...] = jax.random.normal(jax.random.key(0), wrapper.lora_b.shape)
+    peftjax.save_adapter(model, tmp_path / "ours")
+    assert cli.main(["convert-adapter", str(tmp_path / "ours"), str(tmp_path / "peft"), "--model", base]) == 0
+    theirs = peft.PeftModel.from_pretrained(load_theirs(base), tmp_path / "peft").eval()
+    assert gap(ours_out(model, inputs), theirs_out(theirs, inputs), inputs) < ATOL
+    args = [str(tmp_path / "peft"), str(tmp_path / "back"), "--model", base, "--format", "peftjax"]
+    assert cli.main(["convert-adapter", *args]) == 0
+    back = peftjax.load_adapter(load_ours(base), tmp_path / "back")
+    before, after = trained_adapter_params(model), trained_adapter_params(back)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)

@@ -140,7 +140,7 @@ BAD_CONFIGS = {
     "container module": (dict(targets=["layers"]), "layers is a List"),
     "bad regex": (dict(targets="query("), "not a valid regular expression"),
     "empty targets": (dict(targets=[]), "targets is empty"),
-    "missing targets": (dict(), "targets is required"),
+    "missing targets": (dict(), r"targets has no default for ToyStack \(model_type None\).*Give targets"),
 }
 
 
