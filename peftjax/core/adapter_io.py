@@ -163,14 +163,14 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
         raise PeftError(f"adapter at {path} does not fit this model: {err}") from None
     expected, copies = {k: slot.shape for k, slot in slots_of(abstract).items()}, copies_of(abstract)
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected) - set(copies))
-    wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
+    wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in sorted(expected.keys() & arrays.keys())
              if tuple(arrays[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         raise PeftError(
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )
-    replaced = [k for k in copies.keys() & arrays.keys()
+    replaced = [k for k in sorted(copies.keys() & arrays.keys())
                 if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
     if replaced:
         raise PeftError(

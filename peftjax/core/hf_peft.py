@@ -79,9 +79,10 @@ class ModuleNames:
         return sorted(self.path(p) for p in self.paths if matches(p, selector))
 
     def from_hf(self, selector: str | list[str] | None) -> Targets | None:
-        """An HF PEFT selector as peftjax targets: the same modules, chosen by their transformers paths."""
+        """An HF PEFT selector as peftjax targets: the same modules, chosen by their transformers
+        paths. Names come sorted (HF PEFT writes a set, in no fixed order)."""
         if selector is None or not self.renames:
-            return selector if isinstance(selector, str) or selector is None else tuple(selector)
+            return selector if isinstance(selector, str) or selector is None else tuple(sorted(selector))
         selector = selector if isinstance(selector, str) else list(selector)
         return tuple(p for p in self.paths if matches(self.path(p), selector))
 
