@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
@@ -75,7 +76,8 @@ IMPORT = {  # HF PEFT adapters trained in PyTorch, loaded by peftjax
         r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
     "qwen2-ia3": ("qwen2", lambda: peft.IA3Config()),
     "vit-lora-conv-head": ("vit", lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value", "projection"], modules_to_save=["classifier"])),
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"])),
+    "vit-ia3": ("vit", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])),
 }
 
 
@@ -192,8 +194,6 @@ def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
     # save_embedding_layers=False: HF PEFT would also copy the base table of a targeted embedding, which we leave out
     state = peft.get_peft_model_state_dict(theirs, save_embedding_layers=False)
     expected = {k: tuple(v.shape) for k, v in state.items()}
-    from safetensors.numpy import load_file
-
     assert {k: v.shape for k, v in load_file(folder / "adapter_model.safetensors").items()} == expected
     read = theirs.peft_config["default"]
     if isinstance(config, peftjax.LoraConfig):
@@ -223,12 +223,16 @@ def test_pytorch_trained_adapter_loads_with_equal_logits(row, checkpoints, tmp_p
     family, make_config = IMPORT[row]
     inputs = batch(family)
     theirs = train_theirs(peft.get_peft_model(load_theirs(checkpoints[family]), make_config()), inputs)
-    theirs.save_pretrained(tmp_path / "adapter")
+    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    theirs_tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     ours = peftjax.load_adapter(load_ours(checkpoints[family]), tmp_path / "adapter")
     adapted = theirs_out(theirs, inputs)
     assert gap(ours_out(ours, inputs), adapted, inputs) < ATOL
     with theirs.disable_adapter():
         assert gap(theirs_out(theirs, inputs), adapted, inputs) > 1e-3, "the adapter changes the output"
+    peftjax.save_adapter(ours, tmp_path / "again", format="peft")  # written back: HF PEFT's own tensors, bitwise
+    written = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert written.keys() == theirs_tensors.keys() and all(np.array_equal(written[k], theirs_tensors[k]) for k in written)
 
 
 def test_minilm_real_weights_both_ways(tmp_path):
