@@ -89,10 +89,10 @@ def _combine(factors, weights, combination, rank, density, majority_sign, rng) -
         pad = rank - a.shape[-1]  # a module some adapters do not wrap
         return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]), np.pad(b, [(0, pad)] + [(0, 0)] * (b.ndim - 1))
     if combination in _PER_FACTOR:
-        signed = np.array([math.copysign(math.sqrt(abs(w * s)), w * s) for (_, _, s), w in zip(factors, weights)])
-        signed = signed.astype(np.float32)
-        options = (combination, density, majority_sign, rng)
-        return _merge([a for a, _, _ in factors], signed, *options), _merge([b for _, b, _ in factors], abs(signed), *options)
+        roots = [math.copysign(math.sqrt(abs(w * s)), w * s) for (_, _, s), w in zip(factors, weights)]
+        signed, options = np.array(roots, np.float32), (combination, density, majority_sign, rng)
+        a = _merge([a for a, _, _ in factors], signed, *options)
+        return a, _merge([b for _, b, _ in factors], abs(signed), *options)
     # svd (and its pruned variants in HF PEFT, not offered here): on the summed update.
     in_shape, out_shape = factors[0][0].shape[:-1], factors[0][1].shape[1:]
     deltas = [s * a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1) for a, b, s in factors]
@@ -159,10 +159,8 @@ def combine_adapters(
     modules: dict[str, list] = {}
     for path, wrapper in iter_wrappers(model):
         if wrapper.adapter_name in weights and isinstance(wrapper, LoraLinear):
-            host = lambda v: np.asarray(jax.device_get(v[...]), np.float32)  # noqa: E731
-            where = _module_path(path)
-            factors = (host(wrapper.lora_a), host(wrapper.lora_b), np.float32(wrapper.scale))
-            modules.setdefault(where, []).append((wrapper.adapter_name, factors))
+            a, b = (np.asarray(jax.device_get(v[...]), np.float32) for v in (wrapper.lora_a, wrapper.lora_b))
+            modules.setdefault(_module_path(path), []).append((wrapper.adapter_name, (a, b, np.float32(wrapper.scale))))
     rng = np.random.default_rng(seed)
     new = {}
     for where, found in modules.items():
