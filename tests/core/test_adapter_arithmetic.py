@@ -70,6 +70,12 @@ def ours_with(adapters):
     return model
 
 
+@pytest.fixture(scope="module")
+def ours(adapters):
+    """peftjax's model with the same adapters, shared by the tests that only add combined ones."""
+    return ours_with(adapters)
+
+
 def their_factors(theirs, name) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """``{module path: (A, B, scale)}`` of HF PEFT adapter ``name``, in torch's layout."""
     found = {}
@@ -109,9 +115,9 @@ def compare(model, theirs, name, *, factors: bool):
 
 
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
-def test_combinations_equal_hf_peft(adapters, combination):
+def test_combinations_equal_hf_peft(adapters, ours, combination):
     _, _, theirs, _ = adapters
-    model = ours_with(adapters)
+    model = ours
     name = f"{combination}_combined"
     theirs.add_weighted_adapter(list(WEIGHTS), list(WEIGHTS.values()), name, combination_type=combination,
                                 **COMBINATIONS[combination])
@@ -126,7 +132,7 @@ def given_mask(values: np.ndarray, density: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("combination", ["dare_linear", "dare_ties"])
-def test_dare_with_given_masks_equals_hf_peft(adapters, combination, monkeypatch):
+def test_dare_with_given_masks_equals_hf_peft(adapters, ours, combination, monkeypatch):
     _, _, theirs, _ = adapters
     density = 0.5
 
@@ -136,7 +142,7 @@ def test_dare_with_given_masks_equals_hf_peft(adapters, combination, monkeypatch
 
     monkeypatch.setattr(merge_utils, "random_pruning", their_pruning)
     monkeypatch.setattr(arithmetic, "dare_prune", lambda t, d, rng: t * given_mask(t, d) / np.float32(d))
-    model = ours_with(adapters)
+    model = ours
     name = f"{combination}_masked"
     theirs.add_weighted_adapter(list(WEIGHTS), list(WEIGHTS.values()), name, combination_type=combination,
                                 density=density)
@@ -158,6 +164,7 @@ def test_dare_masks_keep_the_expected_value():
     assert np.array_equal(again, pruned) and not np.array_equal(other, pruned)
 
 
+@pytest.mark.parametrize("adapters", ["bert"], indirect=True)  # the checks do not depend on the family
 def test_bad_combinations_raise_and_leave_the_model_alone(adapters, unchanged):
     model = ours_with(adapters)
     check = unchanged(model)
@@ -173,6 +180,7 @@ def test_bad_combinations_raise_and_leave_the_model_alone(adapters, unchanged):
     check()
 
 
+@pytest.mark.parametrize("adapters", ["bert"], indirect=True)
 def test_unequal_ranks_and_non_lora_adapters_are_refused(adapters):
     model = ours_with(adapters)
     peftjax.apply(model, peftjax.LoraConfig(rank=3, targets=["query"]), adapter_name="r3", stack=True)

