@@ -101,7 +101,7 @@ from flax import nnx  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax.bench.suite import resolve_model, run_compiled  # noqa: E402
 from peftjax.models import from_config, from_pretrained  # noqa: E402
-from peftjax.train.runner import loss_and_stats  # noqa: E402
+from peftjax.train.tasks import loss_and_stats  # noqa: E402
 from peftjax.variables import AdapterParam  # noqa: E402
 
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.01

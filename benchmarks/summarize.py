@@ -21,10 +21,11 @@ def _num(value, spec: str, scale: float = 1.0) -> str:
 def bench_table(path: Path) -> str:
     rows = json.loads(path.read_text())
     timed = any(r.get("step_time_s") for r in rows)
+    images = rows[0].get("image_size") is not None
     head = ["method", "trainable", "trainable %", "adapter MB", "step TFLOP", "vs full", "fwd +GFLOP (XLA / analytic)",
             "merged +", "XLA plan GB", "analytic floor GB", "XLA / floor"]
     if timed:
-        head += ["step s (median)", "tokens/s", "load avg (1 min)"]
+        head += ["step s (median)", "images/s" if images else "tokens/s", "load avg (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
@@ -40,11 +41,13 @@ def bench_table(path: Path) -> str:
         ]  # fmt: skip
         if timed:
             load = r.get("load_avg_before")
-            cells += [_num(r["step_time_s"], ".2f"), _num(r["tokens_per_s"], ",.0f"), _num(load and load[0], ".1f")]
+            throughput = _num(r["images_per_s"], ",.1f") if images else _num(r["tokens_per_s"], ",.0f")
+            cells += [_num(r["step_time_s"], ".2f"), throughput, _num(load and load[0], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     first = rows[0]
     lines.append("")
-    lines.append(f"{first['model']} ({first['task']}), batch {first['batch']} x {first['seq']}, {first['dtype']} "
+    shape = f"{first['image_size']}x{first['image_size']} images" if images else first["seq"]
+    lines.append(f"{first['model']} ({first['task']}), batch {first['batch']} x {shape}, {first['dtype']} "
                  f"compute / {first['param_dtype']} parameters, {first['device']}, jax {first['jax']}"
                  + (", abstract" if first["abstract"] else f", median of {first['steps']} steps"))
     return "\n".join(lines)

@@ -14,9 +14,11 @@ from peftjax.core.inject import (
     unmerge,
 )
 from peftjax.core.labels import PeftOptimizer, make_optimizer, param_labels
+from peftjax.core.layer_groups import LayerGroup, layer_groups
 from peftjax.errors import PeftError
 from peftjax.methods import import_all, registered_methods
 from peftjax.methods.base import FROZEN, AdapterWrapper, MethodConfig, config_from_dict, register_method
+from peftjax.strategies import Strategy, register_strategy, registered_strategies
 from peftjax.train.state import TrainState, TrainStep, make_train_step
 from peftjax.variables import AdapterBuffer, AdapterParam
 
@@ -25,10 +27,12 @@ __all__ = [
     "AdapterBuffer",
     "AdapterParam",
     "AdapterWrapper",
+    "LayerGroup",
     "MethodConfig",
     "ParamCount",
     "PeftError",
     "PeftOptimizer",
+    "Strategy",
     "TrainState",
     "TrainStep",
     "applied_methods",
@@ -42,12 +46,15 @@ __all__ = [
     "save_adapter",
     "set_active_adapters",
     "iter_wrappers",
+    "layer_groups",
     "make_optimizer",
     "make_train_step",
     "merge",
     "param_labels",
     "register_method",
+    "register_strategy",
     "registered_methods",
+    "registered_strategies",
     "summary",
     "unmerge",
 ]

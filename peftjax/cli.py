@@ -12,9 +12,13 @@ import sys
 
 def _load(path: str, overrides: list[str]):
     from peftjax.config import load_config
+    from peftjax.data import check_data_files
     from peftjax.methods.base import config_from_dict
+    from peftjax.strategies import strategy_from_dict
 
-    return load_config(path, overrides, method_validator=config_from_dict)
+    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
+    check_data_files(config.data)
+    return config
 
 
 def _train(args) -> int:
@@ -28,8 +32,9 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from peftjax.core.adapter_io import load_adapter
-    from peftjax.train.runner import build_model, evaluate, load_task, loss_and_stats
+    from peftjax.train.runner import build_model, load_task
     from peftjax.train.sharding import make_mesh
+    from peftjax.train.tasks import evaluate, loss_and_stats
 
     config = _load(args.config, args.overrides)
     task, _ = load_task(config)
@@ -74,7 +79,7 @@ def _bench(args) -> int:
     from peftjax.bench import BenchSpec, charts, run_bench, table, write_json
 
     spec = BenchSpec(model=args.model, methods=tuple(args.methods.split(",")), batch=args.batch, seq=args.seq,
-                     dtype=args.dtype, param_dtype=args.param_dtype, abstract=args.abstract, steps=args.steps,
+                     image_size=args.image_size, dtype=args.dtype, param_dtype=args.param_dtype, abstract=args.abstract, steps=args.steps,
                      warmup=args.warmup, task=args.task, dropout=args.dropout)
     rows = run_bench(spec, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(rows))
@@ -152,13 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(handler=_rank_search)
 
     bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
-    bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, ...), minilm, or a folder")
+    bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, resnet-50, ...), minilm, or a folder")
     bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
     bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--seq", type=int, default=128, help="tokens per example (text models)")
+    bench.add_argument("--image-size", type=int, default=224, help="side of the square images (image models)")
     bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype")
     bench.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32", help="parameter storage dtype")
-    bench.add_argument("--task", choices=("classification", "causal_lm"), help="default: the model family's own")
+    bench.add_argument("--task", choices=("classification", "causal_lm", "image_classification"),
+                       help="default: the model family's own")
     bench.add_argument("--abstract", action="store_true", help="shapes only: FLOPs and memory plan, no timing")
     bench.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")

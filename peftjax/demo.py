@@ -13,7 +13,7 @@ import shutil
 import socket
 
 from peftjax.config import ExperimentConfig
-from peftjax.train.data import sst2_path
+from peftjax.data import sst2_path
 from peftjax.train.runner import run
 
 OUTPUT = "runs/demo"

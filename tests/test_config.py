@@ -21,6 +21,7 @@ from peftjax.config import (
     load_config,
     parse_override,
 )
+from peftjax.data import check_data_files
 from peftjax.errors import PeftError
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "sst2_minilm_lora.yaml"
@@ -48,7 +49,7 @@ def error_of(tmp_path, text: str = MINIMAL, overrides=(), **kwargs) -> str:
 
 
 def test_the_example_config_loads_with_lora_on_query_and_value():
-    config = load_config(EXAMPLE, check_files=False)
+    config = load_config(EXAMPLE)
     assert config.model.name == "minilm" and config.data.source == "shared:sst2"
     assert config.method_dicts() == [{"type": "lora", "targets": ["query", "value"], "rank": 8, "alpha": 16}]
     assert (config.data.train_split, config.data.eval_split, config.data.test_split) == (
@@ -60,10 +61,10 @@ def test_the_example_config_loads_with_lora_on_query_and_value():
 
 
 def test_the_example_config_checks_its_shared_files():
-    from peftjax.train.data import require_shared_data
+    from peftjax.data import require_shared_data
 
     require_shared_data("sst2/train.tsv", "sst2/dev.tsv", "sst2/test.tsv")
-    load_config(EXAMPLE)  # check_files=True: every split file exists
+    check_data_files(load_config(EXAMPLE).data)  # every split file exists
 
 
 def test_minilm_resolves_to_the_packaged_checkpoint():
@@ -82,7 +83,8 @@ def test_defaults_are_resolved(tmp_path):
     assert config.optim.name == "adamw" and config.schedule.decay == "linear"
     resolved = config.to_dict()
     assert resolved["data"]["bucket_lengths"] is None and resolved["train"]["precision"] == "fp32"
-    assert set(resolved) == {"name", "output_dir", "model", "methods", "data", "optim", "schedule", "train"}
+    sections = {"name", "output_dir", "model", "methods", "strategies", "data", "optim", "schedule", "train"}
+    assert set(resolved) == sections
 
 
 def test_round_trip_through_dict_yaml_and_json(tmp_path):
@@ -206,10 +208,13 @@ def test_a_missing_data_file_names_the_path(tmp_path):
         'data: {source: "synthetic:sentiment", eval_split: eval}',
         f"data: {{source: {tmp_path / 'data'}, train_split: train.tsv, eval_split: dev.tsv}}",
     )
-    message = error_of(tmp_path, text)
+    config = load_config(write(tmp_path, text))  # a valid schema: the files are the data package's check
+    assert config.data.eval_split == "dev.tsv"
+    with pytest.raises(ConfigError) as caught:
+        check_data_files(config.data)
+    message = str(caught.value)
     assert message.startswith("data.eval_split:") and str(tmp_path / "data" / "dev.tsv") in message
-    assert load_config(write(tmp_path, text), check_files=False).data.eval_split == "dev.tsv"
-    assert load_config(write(tmp_path, text), ["data.eval_split=null"]).data.eval_split is None
+    check_data_files(load_config(write(tmp_path, text), ["data.eval_split=null"]).data)
 
 
 def test_malformed_yaml_names_the_file_and_line(tmp_path):

@@ -25,7 +25,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from peftjax.config import load_config
-from peftjax.train.data import load_data, load_tokenizer
+from peftjax.data import load_data, load_tokenizer
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -11,6 +11,11 @@ full-precision base, its baseline. A method that
 does not apply to a model (BitFit on Llama, which has no biases; a linear
 probe on a causal LM whose head is tied to the embeddings) is reported as
 skipped with the reason, not silently dropped.
+
+Convolutional families (ResNet) have no attention: there, only the methods
+that select parameters apply (``full``, ``linear_probe``, ``bitfit`` on the
+batch norms' and the head's biases, ``ln_tuning`` on the batch norms); the
+others are reported as skipped.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ FAMILY_TARGETS: dict[str, FamilyTargets] = {
 }
 FAMILY_TARGETS["roberta"] = FAMILY_TARGETS["bert"]
 FAMILY_TARGETS["mistral"] = FAMILY_TARGETS["qwen2"] = FAMILY_TARGETS["llama"]
+# Families whose methods need no targets: those that select parameters by kind.
+CONV_FAMILIES = ("resnet",)
+_SELECTION_METHODS = ("full", "linear_probe", "bitfit", "ln_tuning")
 
 # Name -> config factory given the family's targets. LoRA-type methods use alpha = 2r (s = 2), HF PEFT's usual pairing.
 _FIXED: dict[str, Callable[[FamilyTargets], MethodConfig]] = {
@@ -97,8 +105,18 @@ def method_names(spec: str) -> list[str]:
 
 def method_config(name: str, model_type: str) -> MethodConfig:
     """The config ``name`` stands for on a model of ``model_type`` (``model.config.model_type``)."""
+    if model_type in CONV_FAMILIES:
+        method_names(name)  # raises with the list of known names
+        if name not in _SELECTION_METHODS:
+            raise PeftError(
+                f"{name} adapts transformer parts (attention, linear projections, token inputs); a {model_type} has "
+                f"convolutions and one linear head, so the benchmark runs {', '.join(_SELECTION_METHODS)} on it"
+            )
+        return _FIXED[name](None)
     if model_type not in FAMILY_TARGETS:
-        raise PeftError(f"no benchmark targets for model_type {model_type!r}; known: {sorted(FAMILY_TARGETS)}")
+        raise PeftError(
+            f"no benchmark targets for model_type {model_type!r}; known: {sorted([*FAMILY_TARGETS, *CONV_FAMILIES])}"
+        )
     targets = FAMILY_TARGETS[model_type]
     lora = _LORA.fullmatch(name)
     if lora:

@@ -18,12 +18,27 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return format(value / scale, spec)
 
 
+def _images(rows: Sequence[dict[str, Any]]) -> bool:
+    return bool(rows) and rows[0].get("image_size") is not None
+
+
+def _throughput(row: dict[str, Any]) -> float | None:
+    """Tokens per second, or images per second for an image model."""
+    return row.get("images_per_s") if row.get("image_size") is not None else row.get("tokens_per_s")
+
+
+def _shape(row: dict[str, Any]) -> str:
+    if row.get("image_size") is not None:
+        return f"batch {row.get('batch')} x {row['image_size']}x{row['image_size']} images"
+    return f"batch {row.get('batch')} x seq {row.get('seq')}"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method: counts, FLOPs, memory (compiled vs analytic) and time."""
     header = (
         f"{'method':<13} {'trainable':>12} {'%':>8} {'adapter MB':>10} {'step GFLOP':>11} {'vs full':>7} "
         f"{'fwd +GFLOP':>10} {'analytic':>9} {'merged +':>9} {'XLA MB':>9} {'floor MB':>9} {'XLA/fl':>6} "
-        f"{'step ms':>9} {'tok/s':>9}"
+        f"{'step ms':>9} {'img/s' if _images(rows) else 'tok/s':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -37,11 +52,11 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_fmt(r['forward_overhead_analytic'], '>9.3f', 1e9)} {_fmt(r['merged_overhead_flops'], '>9.3f', 1e9)} "
             f"{_fmt(r['compiled_memory_bytes'], '>9.1f', MB)} {_fmt(r['analytic_floor_bytes'], '>9.1f', MB)} "
             f"{_fmt(r.get('memory_ratio_compiled_vs_analytic'), '>6.3f')} {_fmt(r['step_time_s'], '>9.1f', 1e-3)} "
-            f"{_fmt(r['tokens_per_s'], '>9.0f')}"
+            f"{_fmt(_throughput(r), '>9.1f' if _images(rows) else '>9.0f')}"
         )
     first = rows[0] if rows else {}
     lines.append(
-        f"model {first.get('model')} ({first.get('task')}), batch {first.get('batch')} x seq {first.get('seq')}, "
+        f"model {first.get('model')} ({first.get('task')}), {_shape(first)}, "
         f"{first.get('dtype')} compute / {first.get('param_dtype')} params, device {first.get('device')}"
         + (", abstract (no timing)" if first.get("abstract") else f", median of {first.get('steps')} steps")
     )
@@ -57,7 +72,7 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> list[Path]:
     """PNG charts (matplotlib, Agg): step FLOPs vs full, memory compiled vs analytic, and
-    (when timed) tokens per second. Returns the files written."""
+    (when timed) tokens (or images) per second. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +84,7 @@ def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> l
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = [r["method"] for r in ok]
-    title = f"{ok[0]['model']}, batch {ok[0]['batch']} x {ok[0]['seq']}, {ok[0]['dtype']}, {ok[0]['device']}"
+    title = f"{ok[0]['model']}, {_shape(ok[0])}, {ok[0]['dtype']}, {ok[0]['device']}"
     written = []
 
     def save(fig, name: str) -> None:
@@ -91,18 +106,19 @@ def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> l
     fig, ax = plt.subplots(figsize=(10, 4))
     x = range(len(ok))
     ax.bar([i - 0.2 for i in x], [(r["compiled_memory_bytes"] or 0) / 1e9 for r in ok], 0.4, label="XLA compiled plan")
-    ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="analytic floor")
+    if all(r["analytic_floor_bytes"] is not None for r in ok):
+        ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="analytic floor")
     ax.set_xticks(list(x), names, rotation=45)
     ax.set_ylabel("GB")
     ax.set_title(title, fontsize=9)
     ax.legend()
     save(fig, "memory")
 
-    timed = [r for r in ok if r.get("tokens_per_s")]
+    timed = [r for r in ok if _throughput(r)]
     if timed:
         fig, ax = plt.subplots(figsize=(10, 4))
-        ax.bar([r["method"] for r in timed], [r["tokens_per_s"] for r in timed], color="tab:green")
-        ax.set_ylabel("tokens / s (median step)")
+        ax.bar([r["method"] for r in timed], [_throughput(r) for r in timed], color="tab:green")
+        ax.set_ylabel(f"{'images' if _images(ok) else 'tokens'} / s (median step)")
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", rotation=45)
         save(fig, "throughput")

@@ -11,8 +11,13 @@ same jitted train step ``peftjax train`` runs (AdamW, the runner's loss), then r
 * XLA's compiled memory plan beside ``analytic.analytic_floor``, and the device's
   peak bytes where the backend reports them (GPU; None on CPU);
 * unless ``abstract``: the median step time over ``steps`` steps after ``warmup``
-  steps (compilation excluded, each step blocked on), tokens per second and, on a
-  GPU with a known peak, MFU = step FLOPs / step time / peak FLOP/s.
+  steps (compilation excluded, each step blocked on), tokens (images, for an image
+  model) per second and, on a GPU with a known peak, MFU = step FLOPs / step time /
+  peak FLOP/s.
+
+Image models (ResNet) take a batch of ``image_size`` x ``image_size`` images. No
+analytic activation model is written for them, so their rows carry XLA's memory
+plan and no analytic floor.
 
 With ``abstract=True`` nothing is allocated: states are ``jax.eval_shape`` shapes
 and only lowering and compilation run, so llama-8b's plan fits on a laptop.
@@ -40,18 +45,16 @@ from flax import nnx
 
 from peftjax.bench import analytic
 from peftjax.bench.methods import method_config, method_names
-from peftjax.core.adapter_io import save_adapter
+from peftjax.core.adapter_io import adapter_variables, save_adapter
 from peftjax.core.counting import count_params
 from peftjax.core.inject import apply, iter_wrappers
-from peftjax.core.labels import make_optimizer, param_labels
-from peftjax.core.paths import dotted
+from peftjax.core.labels import make_optimizer
 from peftjax.errors import PeftError
-from peftjax.methods.base import FROZEN
 from peftjax.models import registry
 from peftjax.models.factory import PRESETS, from_config
 from peftjax.models.loading import from_pretrained
-from peftjax.train.runner import HEADS, call_model, loss_and_stats
 from peftjax.train.state import TrainState, TrainStep, make_train_step
+from peftjax.train.tasks import HEADS, call_model, loss_and_stats
 
 # Dense peak FLOP/s of accelerators we may meet, by compute dtype (vendor data sheets, SXM parts).
 PEAK_FLOPS = {
@@ -70,13 +73,15 @@ class BenchSpec:
       model: a preset (``bert-base``, ``llama-8b``, ...), ``minilm`` (the packaged
         MiniLM-L6 checkpoint) or a checkpoint folder.
       methods: names from ``peftjax.bench.methods`` (``lora-r8``, ``ia3``, ...).
-      batch, seq: examples per step and tokens per example.
+      batch, seq: examples per step and tokens per example (text models).
+      image_size: side of the square images of an image model (default 224).
       dtype: compute dtype, ``fp32`` or ``bf16`` (as ``train.precision``).
       param_dtype: storage dtype of every parameter, adapters included.
       abstract: shapes only: FLOPs and the memory plan, no allocation, no timing.
       steps, warmup: timed steps and untimed steps before them.
-      task: ``classification`` (2 labels) or ``causal_lm``; None = the family's
-        natural one (BERT: classification, Llama: causal LM).
+      task: ``classification`` (2 labels), ``causal_lm`` or ``image_classification``
+        (2 labels); None = the family's natural one (BERT: classification, Llama:
+        causal LM, ResNet: image classification).
       dropout: keep the model's dropout rates; by default they are set to 0 so the
         numbers measure the method, not the random-number generator.
     """
@@ -85,6 +90,7 @@ class BenchSpec:
     methods: tuple[str, ...]
     batch: int = 8
     seq: int = 128
+    image_size: int = 224
     dtype: str = "fp32"
     param_dtype: str = "fp32"
     abstract: bool = False
@@ -115,7 +121,13 @@ def resolve_model(name: str) -> tuple[registry.ModelConfig, Path | None]:
     return registry.config_from_hf_dict(json.loads((folder / "config.json").read_text())), folder
 
 
+IMAGE_FAMILIES = ("resnet",)
+TASKS = ("classification", "causal_lm", "image_classification")
+
+
 def default_task(config: registry.ModelConfig) -> str:
+    if config.model_type in IMAGE_FAMILIES:
+        return "image_classification"
     return "causal_lm" if config.model_type in ("llama", "mistral", "qwen2") else "classification"
 
 
@@ -135,17 +147,29 @@ class ModelBuilder:
         self.spec = spec
         self.config, self.folder = resolve_model(spec.model)
         self.task = spec.task or default_task(self.config)
-        if self.task not in ("classification", "causal_lm"):
-            raise PeftError(f"task {self.task!r}: choose classification or causal_lm")
-        if self.config.model_type not in analytic._FAMILY:
-            raise PeftError(f"bench supports BERT/RoBERTa and Llama-family models, not {self.config.model_type!r}")
+        if self.task not in TASKS:
+            raise PeftError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
+        model_type = self.config.model_type
+        if model_type not in analytic._FAMILY and model_type not in IMAGE_FAMILIES:
+            raise PeftError(f"bench supports BERT/RoBERTa, Llama-family and ResNet models, not {model_type!r}")
+        if (model_type in IMAGE_FAMILIES) != (self.task == "image_classification"):
+            raise PeftError(f"task {self.task!r} does not fit a {model_type} model; leave --task out for its own")
         self.overrides = {} if spec.dropout else _no_dropout(self.config)
         self.dtype = analytic.as_dtype(spec.dtype)
         self.param_dtype = analytic.as_dtype(spec.param_dtype)
 
     @property
     def num_labels(self) -> int | None:
-        return 2 if self.task == "classification" else None
+        return None if self.task == "causal_lm" else 2
+
+    @property
+    def images(self) -> bool:
+        return self.task == "image_classification"
+
+    @property
+    def examples(self) -> int:
+        """What one step processes: images, or tokens."""
+        return self.spec.batch if self.images else self.spec.batch * self.spec.seq
 
     def __call__(self) -> nnx.Module:
         kwargs = dict(task=HEADS[self.task], num_labels=self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -159,7 +183,9 @@ class ModelBuilder:
         return model
 
     def batch(self, *, concrete: bool) -> dict[str, Any]:
-        """A batch of the spec's shape: random tokens, or shapes only."""
+        """A batch of the spec's shape: random tokens (or images), or shapes only."""
+        if self.images:
+            return self._image_batch(concrete=concrete)
         b, t = self.spec.batch, self.spec.seq
         labels_shape = (b,) if self.task == "classification" else (b, t)
         if not concrete:
@@ -170,6 +196,16 @@ class ModelBuilder:
         labels = rng.integers(0, 2, (b,), dtype=np.int32) if self.task == "classification" else ids
         mask = jnp.ones((b, t), jnp.int32)
         return {"input_ids": jnp.asarray(ids), "attention_mask": mask, "labels": jnp.asarray(labels)}
+
+    def _image_batch(self, *, concrete: bool) -> dict[str, Any]:
+        # Channels-last, as the data loaders give images (the runner transposes them for the model).
+        b, side = self.spec.batch, self.spec.image_size
+        shape = (b, side, side, self.config.num_channels)
+        if not concrete:
+            return {"pixel_values": jax.ShapeDtypeStruct(shape, jnp.float32), "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
+        rng = np.random.default_rng(self.spec.seed)
+        pixels = rng.normal(size=shape).astype(np.float32)
+        return {"pixel_values": jnp.asarray(pixels), "labels": jnp.asarray(rng.integers(0, 2, (b,), dtype=np.int32))}
 
 
 def _state_for(model: nnx.Module, config) -> TrainState:
@@ -223,12 +259,7 @@ def merged_copy(model: nnx.Module) -> nnx.Module | None:
 
 def adapter_bytes(model: nnx.Module) -> int:
     """Bytes of the arrays ``save_adapter`` writes (``adapter_state``), computed from shapes."""
-    labels = param_labels(model, freeze_inactive=False)
-    return sum(
-        math.prod(v.shape) * np.dtype(v.dtype).itemsize
-        for p, v in nnx.iter_graph(model)
-        if isinstance(v, nnx.Param) and labels[dotted(p)] != FROZEN
-    )
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in adapter_variables(model).values())
 
 
 def adapter_file_bytes(model: nnx.Module) -> int:
@@ -294,9 +325,10 @@ def step_flops(builder: ModelBuilder, name: str) -> float:
 def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> dict[str, Any]:
     """Every measurement of one method (see the module docstring)."""
     spec = builder.spec
-    config = method_config(name, builder.config.model_type)
-    row: dict[str, Any] = {"method": name, "config": config.to_dict()}
+    row: dict[str, Any] = {"method": name}
     try:
+        config = method_config(name, builder.config.model_type)
+        row["config"] = config.to_dict()
         state = build_state(builder, config)
     except PeftError as err:
         return {**row, "status": "skipped", "reason": str(err)}
@@ -313,16 +345,22 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
     cost = _cost(compiled)
     memory = analytic.compiled_memory(compiled)
 
-    tokens = spec.batch * spec.seq
     unmerged = forward_flops(model, batch)
     merged = merged_copy(model)
     merged_flops = forward_flops(merged, batch) if merged is not None else None
-    overhead_analytic, formula = analytic.forward_overhead(model, tokens)
-    activations = analytic.activation_bytes(
-        model, labels, batch=spec.batch, seq=spec.seq, compute_dtype=builder.dtype,
-        param_dtype=builder.param_dtype, causal_lm=builder.task == "causal_lm",
-    )  # fmt: skip
-    floor = analytic.analytic_floor(state, batch, activations["total"])
+    adapted = any(w.active and not w.merged for _, w in iter_wrappers(model))
+    if builder.images and adapted:  # the per-token formulas do not describe convolutions
+        overhead_analytic, formula = None, None
+    else:
+        overhead_analytic, formula = analytic.forward_overhead(model, builder.examples)
+    if builder.images:
+        activations, floor = None, None
+    else:
+        activations = analytic.activation_bytes(
+            model, labels, batch=spec.batch, seq=spec.seq, compute_dtype=builder.dtype,
+            param_dtype=builder.param_dtype, causal_lm=builder.task == "causal_lm",
+        )  # fmt: skip
+        floor = analytic.analytic_floor(state, batch, activations["total"])
     row.update(
         status="ok",
         trainable_params=counts.trainable,
@@ -341,7 +379,7 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
         merged_overhead_flops=None if merged_flops is None else merged_flops - base_forward,
         compiled_memory_bytes=None if memory is None else memory["total"],
         compiled_memory=memory,
-        analytic_floor_bytes=floor["total"],
+        analytic_floor_bytes=None if floor is None else floor["total"],
         analytic_floor=floor,
         activation_terms=activations,
         compile_s=round(compile_s, 2),
@@ -349,9 +387,10 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
         step_time_s=None,
         step_times_s=None,
         tokens_per_s=None,
+        images_per_s=None,
         mfu=None,
     )
-    if memory is not None:
+    if memory is not None and floor is not None:
         row["memory_ratio_compiled_vs_analytic"] = memory["total"] / floor["total"]
     if spec.abstract:
         return row
@@ -364,7 +403,7 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
     row.update(
         step_time_s=median,
         step_times_s=times,
-        tokens_per_s=tokens / median,
+        **{"images_per_s" if builder.images else "tokens_per_s": builder.examples / median},
         mfu=None if peak is None else row["step_flops"] / median / peak,
         device_peak_bytes=device_peak_bytes(),
         adapter_file_bytes=adapter_file_bytes(state.model()),
@@ -377,7 +416,8 @@ def run_bench(spec: BenchSpec, *, log: Callable[[str], None] = print) -> list[di
     names = method_names(",".join(spec.methods))
     builder = ModelBuilder(spec)
     common = {
-        "model": spec.model, "task": builder.task, "batch": spec.batch, "seq": spec.seq, "dtype": spec.dtype,
+        "model": spec.model, "task": builder.task, "batch": spec.batch, "seq": None if builder.images else spec.seq,
+        "image_size": spec.image_size if builder.images else None, "dtype": spec.dtype,
         "param_dtype": spec.param_dtype, "abstract": spec.abstract, "steps": None if spec.abstract else spec.steps,
         "warmup": None if spec.abstract else spec.warmup, "dropout": spec.dropout, **device_info(),
     }  # fmt: skip

@@ -5,7 +5,9 @@ A saved adapter is a folder holding ``adapter_config.json`` and
 
 * peftjax's (the default): the config lists the applied methods, in order,
   with their adapter names, and the weights are every parameter the default
-  labels train, by dotted path;
+  labels train, by dotted path, and the running statistics of the batch norms
+  whose statistics changed: those that train, and those a train state
+  recorded as updated (see ``peftjax.core.batch_stats``);
 * HF PEFT's (``format="peft"``): one adapter, which ``peft.PeftModel.
   from_pretrained`` loads onto the transformers model (see
   ``peftjax.core.hf_peft``).
@@ -32,6 +34,7 @@ from safetensors.flax import load_file
 from safetensors.numpy import save_file
 
 from peftjax.core import hf_peft
+from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import DEFAULT_ADAPTER, applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
@@ -44,17 +47,20 @@ PICKLE_FILE = "adapter_model.bin"  # what older PEFT versions wrote; never read
 FORMAT_VERSION = 1
 
 
-def _trainable_variables(model: nnx.Module) -> dict[str, nnx.Param]:
+def adapter_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """``{dotted path: variable}`` of what a peftjax adapter file holds (see the module docstring)."""
     # Inactive adapters too: load_adapter re-creates every saved adapter and needs all their parameters.
     labels = param_labels(model, freeze_inactive=False)
-    return {
+    params = {
         dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and labels[dotted(p)] != FROZEN
     }
+    return {**params, **adapter_statistics(model, labels)}
 
 
 def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
-    """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)."""
-    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in _trainable_variables(model).items()}
+    """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)
+    and of the running statistics that changed."""
+    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in adapter_variables(model).items()}
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal["peftjax", "peft"] = "peftjax") -> Path:
@@ -135,18 +141,25 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
-def _own_slots(model: nnx.Module) -> dict[str, hf_peft.Slot]:
-    """peftjax's layout: each trainable parameter as it is, by dotted path."""
+def _own_slots(model: nnx.Module, arrays) -> dict[str, hf_peft.Slot]:
+    """peftjax's layout: each variable as it is, by dotted path; besides the
+    required ones, the statistics of frozen batch norms a train state updated."""
     same = lambda array: array  # noqa: E731
-    return {k: hf_peft.Slot(v, tuple(v.shape), same, same) for k, v in _trainable_variables(model).items()}
+    variables = adapter_variables(model)
+    variables.update(
+        {dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat) and dotted(p) in arrays}
+    )
+    return {k: hf_peft.Slot(v, tuple(v.get_value().shape), same, same) for k, v in variables.items()}
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: str | None = None) -> nnx.Module:
     """Apply the saved methods to ``model`` (a freshly loaded base) and fill in
-    the saved parameters, from a peftjax or an HF PEFT adapter folder (its
-    adapter is named ``adapter_name``, "default" if not given). Everything is
-    checked on an abstract copy first, so a file that does not fit raises and
-    leaves ``model`` as it was."""
+    the saved parameters and running statistics, from a peftjax or an HF PEFT
+    adapter folder (an HF adapter, or a renamed single one, is named
+    ``adapter_name``; "default" if not given). Everything is checked on an
+    abstract copy first, so a file that does not fit raises and leaves
+    ``model`` as it was. Batch norms whose statistics the file holds are
+    recorded as changed, so that saving ``model`` again keeps them."""
     path = Path(path)
     config, arrays = _read(path)
     if "peft_type" in config:
@@ -155,7 +168,8 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
         slots_of = lambda m: hf_peft.slots(m, *methods[0])  # noqa: E731
         copies_of = lambda abstract: hf_peft.base_copies(abstract, model, name)  # noqa: E731
     else:
-        methods, slots_of = _methods(config, path / CONFIG_FILE, adapter_name), _own_slots
+        methods = _methods(config, path / CONFIG_FILE, adapter_name)
+        slots_of = lambda m: _own_slots(m, arrays)  # noqa: E731
         copies_of = lambda abstract: {}  # noqa: E731
     try:
         abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
@@ -178,6 +192,9 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
             "peftjax adapters leave base weights alone: load the base model those tables belong to."
         )
     _attach(model, methods)
-    for key, slot in slots_of(model).items():
+    slots = slots_of(model)
+    for key, slot in slots.items():
         slot.variable[...] = jax.numpy.asarray(slot.from_file(arrays[key]), dtype=slot.variable.dtype)
+    statistics = {key for key, slot in slots.items() if isinstance(slot.variable, nnx.BatchStat)}
+    record_updated(model, {key.rpartition(".")[0] for key in statistics})
     return model

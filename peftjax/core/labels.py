@@ -5,6 +5,8 @@ parameter must be covered. A rule is ``(matcher, label)`` where the matcher is
 a regex on the dotted parameter path (full match) or a Variable type. The
 rules in force, in order:
 
+0. the ``overrides`` passed by the caller (a training strategy's freezing or
+   layer groups), which win over every method's own rules;
 1. the ``rules`` passed by the caller;
 2. each applied method's own rules (``also_train`` patterns, LoRA+'s B label,
    BitFit's biases, ...), in the order the methods were applied;
@@ -16,7 +18,9 @@ Labels other than ``"frozen"`` train. ``make_optimizer`` sends ``"frozen"`` to
 ``optax.set_to_zero()`` and every other label to the given transformation
 (optionally with a per-label learning-rate multiplier), through
 ``optax.partition``. More groups (a head with its own rate, layer groups for
-discriminative rates) are more labels, not more machinery.
+discriminative rates) are more labels, not more machinery. The labels also
+decide which batch norms keep their running statistics fixed
+(``peftjax.core.batch_stats``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import optax
 from flax import nnx
 
+from peftjax.core.batch_stats import fixed_batch_norms
 from peftjax.core.inject import applied_methods, iter_wrappers
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
@@ -35,13 +40,15 @@ from peftjax.methods.base import FROZEN, LabelRule
 from peftjax.variables import AdapterParam
 
 
-def label_rules(model: nnx.Module, rules: Sequence[LabelRule] | None = None) -> list[LabelRule]:
+def label_rules(
+    model: nnx.Module, rules: Sequence[LabelRule] | None = None, *, overrides: Sequence[LabelRule] = ()
+) -> list[LabelRule]:
     """The ordered rules in force for ``model`` (see the module docstring)."""
     method_rules = [rule for _, config in applied_methods(model) for rule in config.label_rules(model)]
     defaults: list[LabelRule] = [(AdapterParam, "adapter")]
     if rules is None:
         defaults.append((nnx.Param, FROZEN))
-    return [*(rules or ()), *method_rules, *defaults]
+    return [*overrides, *(rules or ()), *method_rules, *defaults]
 
 
 def _rule_matches(matcher: str | type, path: str, variable: nnx.Variable) -> bool:
@@ -53,15 +60,21 @@ def _rule_matches(matcher: str | type, path: str, variable: nnx.Variable) -> boo
 
 
 def param_labels(
-    model: nnx.Module, rules: Sequence[LabelRule] | None = None, *, freeze_inactive: bool = True
+    model: nnx.Module,
+    rules: Sequence[LabelRule] | None = None,
+    *,
+    overrides: Sequence[LabelRule] = (),
+    freeze_inactive: bool = True,
 ) -> dict[str, str]:
     """``{dotted parameter path: label}`` for every ``nnx.Param`` in ``model``.
 
-    ``freeze_inactive=False`` labels inactive adapters as if they were active
-    (what an adapter file must hold, since loading re-creates every adapter).
-    Raises ``PeftError`` naming the first parameter no rule covers.
+    ``overrides`` come before every other rule and, unlike ``rules``, keep the
+    catch-all that freezes what nothing else covers. ``freeze_inactive=False``
+    labels inactive adapters as if they were active (what an adapter file must
+    hold, since loading re-creates every adapter). Raises ``PeftError`` naming
+    the first parameter no rule covers.
     """
-    in_force = label_rules(model, rules)
+    in_force = label_rules(model, rules, overrides=overrides)
     # An inactive adapter's own parameters do not train, whatever the rules say.
     inactive = [p + "." for p, w in iter_wrappers(model) if not w.active] if freeze_inactive else []
     labels = {}
@@ -101,9 +114,19 @@ def _label_tree(labels: Mapping[str, str]):
 
 class PeftOptimizer(optax.GradientTransformationExtraArgs):
     """An ``optax.GradientTransformation`` that also carries its labels, so that
-    ``TrainState.create`` splits the model exactly where the optimizer does."""
+    ``TrainState.create`` splits the model exactly where the optimizer does, and
+    the batch norms whose running statistics stay fixed (by dotted module path)."""
 
     labels: dict[str, str]
+    fixed_batch_norms: frozenset[str]
+
+    def carrying(self, tx: optax.GradientTransformation) -> PeftOptimizer:
+        """``tx`` (a transformation built around this one, e.g. chained after it) with
+        this one's labels and batch-norm decision."""
+        tx = optax.with_extra_args_support(tx)
+        result = PeftOptimizer(tx.init, tx.update)
+        result.labels, result.fixed_batch_norms = self.labels, self.fixed_batch_norms
+        return result
 
     @property
     def trainable_paths(self) -> frozenset[str]:
@@ -115,8 +138,10 @@ def make_optimizer(
     tx: optax.GradientTransformation,
     *,
     rules: Sequence[LabelRule] | None = None,
+    overrides: Sequence[LabelRule] = (),
     transforms: Mapping[str, optax.GradientTransformation] | None = None,
     lr_multipliers: Mapping[str, float] | None = None,
+    update_frozen_batch_stats: bool = False,
 ) -> PeftOptimizer:
     """An optimizer that trains only the labelled-trainable parameters.
 
@@ -124,14 +149,19 @@ def make_optimizer(
       model: the model after ``peftjax.apply``.
       tx: the transformation for every trainable label without its own.
       rules: label rules placed before the methods' rules (see module doc).
+      overrides: label rules placed before everything else, keeping the
+        catch-all (a training strategy's).
       transforms: per-label transformations overriding ``tx``.
       lr_multipliers: per-label factors on the update (a learning-rate
         multiplier for SGD, Adam and AdamW alike); merged over the methods'
         own (LoRA+).
+      update_frozen_batch_stats: let batch norms whose parameters are all
+        frozen keep updating their running statistics in training (PyTorch's
+        behaviour); by default they use and keep them fixed.
 
     Frozen parameters get ``optax.set_to_zero()``: no optimizer state at all.
     """
-    labels = param_labels(model, rules)
+    labels = param_labels(model, rules, overrides=overrides)
     # A method's multiplier may name a label no parameter has now (LoRA+ with its
     # adapter inactive): unused. The caller's own must name labels that exist.
     multipliers = {k: v for _, c in applied_methods(model) for k, v in c.lr_multipliers().items()}
@@ -152,4 +182,5 @@ def make_optimizer(
     partition = optax.partition(per_label, _label_tree(labels))
     optimizer = PeftOptimizer(partition.init, partition.update)
     optimizer.labels = labels
+    optimizer.fixed_batch_norms = fixed_batch_norms(model, labels, update_frozen=update_frozen_batch_stats)
     return optimizer

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.core.paths import Targets, validate_targets
+from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 
 # Label of parameters that do not train; make_optimizer maps it to optax.set_to_zero().
@@ -44,19 +45,8 @@ LabelRule = tuple[str | type, str]
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
 
-def register_method(name: str):
-    """Class decorator that registers a ``MethodConfig`` under ``name``."""
-
-    def register(cls: type[MethodConfig]) -> type[MethodConfig]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise PeftError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
-            raise PeftError(f"{cls.__qualname__} must be a frozen dataclass to be registered")
-        cls.method = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
+# Class decorator that registers a ``MethodConfig`` under ``name``: ``@register_method(name)``.
+register_method = registrar(_REGISTRY, "method", lambda: MethodConfig)
 
 
 def registered_methods() -> dict[str, type[MethodConfig]]:

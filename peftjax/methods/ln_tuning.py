@@ -3,10 +3,12 @@ LayerNorm in Attention"; HF PEFT's ``LNTuningConfig``).
 
     LayerNorm(x) = gamma * (x - mu) / sigma + beta,   RMSNorm(x) = gamma * x / rms(x)
 
-gamma (``scale``) and beta (``bias``) of every ``nnx.LayerNorm`` and
-``nnx.RMSNorm`` train; everything else is frozen. Norms are found by module
-type, not by name, so BERT's ``LayerNorm`` and Llama's ``input_layernorm``
-are both found. Nothing is wrapped.
+gamma (``scale``) and beta (``bias``) of every ``nnx.LayerNorm``,
+``nnx.RMSNorm`` and ``nnx.BatchNorm`` train; everything else is frozen. Norms
+are found by module type, not by name, so BERT's ``LayerNorm``, Llama's
+``input_layernorm`` and ResNet's ``normalization`` are all found. On a CNN
+this is batch-norm tuning: a batch norm that trains also updates its running
+statistics (``peftjax.core.batch_stats``). Nothing is wrapped.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from peftjax.methods.selection import ParamSelectionConfig
 class LNTuningConfig(ParamSelectionConfig):
     """Train the scale and bias of every normalisation layer."""
 
-    norm_types: ClassVar[tuple[type, ...]] = (nnx.LayerNorm, nnx.RMSNorm)
+    norm_types: ClassVar[tuple[type, ...]] = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
 
     def trains(self, *, model: nnx.Module, module_path: str, module: nnx.Module | None, name: str) -> bool:
         return isinstance(module, self.norm_types)
 
     def describe_selection(self) -> str:
-        return f"the parameters of {' and '.join(t.__name__ for t in self.norm_types)} layers"
+        return f"the parameters of {', '.join(t.__name__ for t in self.norm_types)} layers"

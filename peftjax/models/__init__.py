@@ -1,8 +1,9 @@
 """Reference Flax NNX models that load Hugging Face checkpoints.
 
-BERT/RoBERTa, Llama/Mistral/Qwen2 and ViT, with module paths equal to the
-checkpoints' names, plain ``nnx.Linear`` layers for adapters to wrap, and the
-insertion points of ``peftjax.points`` in every layer.
+BERT/RoBERTa, Llama/Mistral/Qwen2, ViT and ResNet, with module paths equal to
+the checkpoints' names, plain ``nnx.Linear`` (and ``nnx.Conv``) layers for
+adapters to wrap, and the insertion points of ``peftjax.points`` in every
+transformer layer.
 """
 
 from peftjax.models.bert import (
@@ -27,6 +28,7 @@ from peftjax.models.llama import (
 from peftjax.models.loading import LoadReport, from_pretrained, save_pretrained
 from peftjax.models.factory import PRESETS, count_parameters, from_config, presets
 from peftjax.models.registry import SUPPORTED_MODEL_TYPES, TASKS
+from peftjax.models.resnet import ResNetConfig, ResNetForImageClassification, ResNetModel
 from peftjax.models.vit import ViTConfig, ViTForImageClassification, ViTModel
 
 __all__ = [
@@ -43,6 +45,9 @@ __all__ = [
     "ModelLoadError",
     "ModelOutput",
     "PRESETS",
+    "ResNetConfig",
+    "ResNetForImageClassification",
+    "ResNetModel",
     "RopeParameters",
     "SUPPORTED_MODEL_TYPES",
     "TASKS",

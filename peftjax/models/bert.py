@@ -284,7 +284,7 @@ class BertAttention(nnx.Module):
 
 
 class BertIntermediate(nnx.Module):
-    """First MLP projection and its activation."""
+    """First MLP projection and its activation (ViT's MLP starts with the same module)."""
 
     def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dense = common.linear(
@@ -325,39 +325,6 @@ class BertLayer(nnx.Module):
         return self.output(h_btf, x_btd, self.after_mlp)
 
 
-class BertEncoder(nnx.Module):
-    """The stack of layers (``encoder.layer.N``)."""
-
-    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.remat = config.remat
-        self.layer = nnx.List(
-            [
-                BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
-
-    def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
-        return common.run_layers(self.layer, x_btd, mask_bt, remat=self.remat)
-
-
-class BertPooler(nnx.Module):
-    """tanh(dense(first token)): the pooled output BERT's classifier reads."""
-
-    def __init__(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = common.linear(
-            config,
-            config.hidden_size,
-            config.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, x_btd: Array) -> Array:
-        return jnp.tanh(self.dense(x_btd[:, 0]))
-
-
 class BertModel(nnx.Module):
     """The bare encoder: ``embeddings``, ``encoder`` and an optional ``pooler``.
 
@@ -382,8 +349,9 @@ class BertModel(nnx.Module):
         self.config = config
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = BertEmbeddings(config, **kwargs)
-        self.encoder = BertEncoder(config, **kwargs)
-        self.pooler = BertPooler(config, **kwargs) if add_pooling_layer else None
+        self.encoder = common.Encoder(config, BertLayer, **kwargs)
+        # tanh(dense(first token)): the pooled output BERT's classifier reads.
+        self.pooler = common.Pooler(config, config.hidden_size, "tanh", **kwargs) if add_pooling_layer else None
 
     def get_input_embeddings(self) -> nnx.Embed:
         return self.embeddings.word_embeddings
@@ -419,22 +387,24 @@ class RobertaClassificationHead(nnx.Module):
         return self.out_proj(self.dropout(x_bd))
 
 
-class _BertWithHead(nnx.Module):
-    """Shared plumbing: the encoder lives under ``bert`` or ``roberta``."""
+class _BertWithHead(common.ModelWithHead):
+    """The encoder under ``bert`` or ``roberta``, a head on its output."""
 
+    base_model_class: ClassVar[type[nnx.Module]] = BertModel
     output_head_names: ClassVar[tuple[str, ...]] = ("classifier",)
 
-    def _init_base(self, config: BertConfig, *, add_pooling_layer: bool, **kwargs) -> None:
-        self.config = config
-        base = BertModel(config, add_pooling_layer=add_pooling_layer, **kwargs)
-        setattr(self, config.base_model_prefix, base)
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+    ) -> ModelOutput:
+        out = self.base_model(input_ids, attention_mask, token_type_ids, position_ids)
+        return out.replace(logits=self._logits(out))
 
-    @property
-    def base_model(self) -> BertModel:
-        return getattr(self, self.config.base_model_prefix)
-
-    def get_input_embeddings(self) -> nnx.Embed:
-        return self.base_model.get_input_embeddings()
+    def _logits(self, out: ModelOutput) -> Array:
+        raise NotImplementedError
 
 
 class BertForSequenceClassification(_BertWithHead):
@@ -446,37 +416,22 @@ class BertForSequenceClassification(_BertWithHead):
 
     hf_architecture_suffix: ClassVar[str] = "ForSequenceClassification"
 
-    def __init__(
-        self,
-        config: BertConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
+    def _base_options(self, config: BertConfig) -> dict[str, Any]:
+        return {"add_pooling_layer": config.model_type != "roberta"}
+
+    def _init_head(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        is_roberta = config.model_type == "roberta"
-        self._init_base(config, add_pooling_layer=not is_roberta, **kwargs)
-        if is_roberta:
+        if config.model_type == "roberta":
             self.dropout = None
             self.classifier = RobertaClassificationHead(config, **kwargs)
         else:
             self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
             self.classifier = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        position_ids: Array | None = None,
-    ) -> ModelOutput:
-        out = self.base_model(input_ids, attention_mask, token_type_ids, position_ids)
+    def _logits(self, out: ModelOutput) -> Array:
         if self.dropout is None:
-            logits = self.classifier(out.last_hidden_state)
-        else:
-            logits = self.classifier(self.dropout(out.pooler_output))
-        return out.replace(logits=logits)
+            return self.classifier(out.last_hidden_state)
+        return self.classifier(self.dropout(out.pooler_output))
 
 
 class BertForTokenClassification(_BertWithHead):
@@ -484,29 +439,17 @@ class BertForTokenClassification(_BertWithHead):
 
     hf_architecture_suffix: ClassVar[str] = "ForTokenClassification"
 
-    def __init__(
-        self,
-        config: BertConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self._init_base(config, add_pooling_layer=False, **kwargs)
-        self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
-        self.classifier = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
+    def _base_options(self, config: BertConfig) -> dict[str, Any]:
+        return {"add_pooling_layer": False}
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        position_ids: Array | None = None,
-    ) -> ModelOutput:
-        out = self.base_model(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        return out.replace(logits=logits)
+    def _init_head(self, config: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
+        self.classifier = common.linear(
+            config, config.hidden_size, config.num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def _logits(self, out: ModelOutput) -> Array:
+        return self.classifier(self.dropout(out.last_hidden_state))
 
 
 __all__ = [

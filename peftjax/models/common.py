@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -29,13 +29,14 @@ class ModelOutput:
     Attributes:
         last_hidden_state: (batch, seq, hidden) final hidden states, aligned
             with the caller's tokens (positions an ``InputEmbeddings`` point
-            prepended are dropped).
+            prepended are dropped); a ResNet's final feature maps,
+            (batch, channels, height, width) as transformers returns them.
         logits: the head's output, or ``None`` for a model without a head:
             (batch, num_labels) for sequence/image classification,
             (batch, seq, num_labels) for token classification and
             (batch, seq, vocab) for causal language modelling.
-        pooler_output: (batch, hidden) output of the BERT/ViT pooler when the
-            model has one, else ``None``.
+        pooler_output: (batch, hidden) output of the BERT/ViT pooler (a
+            ResNet's global average pool) when the model has one, else ``None``.
     """
 
     last_hidden_state: Array
@@ -312,3 +313,65 @@ def shift_positions(position_ids_bt: Array, extra: int, *, first: int = 0) -> Ar
     prefix_bt = first + jnp.arange(extra, dtype=position_ids_bt.dtype)
     prefix_bt = jnp.broadcast_to(prefix_bt, (batch, extra))
     return jnp.concatenate([prefix_bt, position_ids_bt + extra], axis=1)
+
+
+# --------------------------------------------------------------------------
+# Plumbing the model families share.
+# --------------------------------------------------------------------------
+
+
+class Encoder(nnx.Module):
+    """A stack of ``config.num_hidden_layers`` blocks (``encoder.layer.N``), run in turn."""
+
+    def __init__(self, config: Any, block: Callable[..., nnx.Module], *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.remat = config.remat
+        self.layer = nnx.List(
+            [block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
+        return run_layers(self.layer, x_btd, mask_bt, remat=self.remat)
+
+
+class Pooler(nnx.Module):
+    """``act(dense(first token))``: BERT's pooled output (tanh, hidden size) and ViT's."""
+
+    def __init__(self, config: Any, dout: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = linear(config, config.hidden_size, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x_btd: Array) -> Array:
+        return activation(self.act)(self.dense(x_btd[:, 0]))
+
+
+class ModelWithHead(nnx.Module):
+    """A family's base model at ``config.base_model_prefix`` and a task head on its output.
+
+    Subclasses name the base model's class, build their head in ``_init_head``
+    (after the base model, so a random initialisation draws in the same order
+    as before this class existed) and compute logits in their family's
+    ``__call__``, whose arguments are the family's inputs.
+    """
+
+    base_model_class: ClassVar[type[nnx.Module]]
+
+    def __init__(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        base = self.base_model_class(config, **self._base_options(config), **kwargs)
+        setattr(self, config.base_model_prefix, base)
+        self._init_head(config, **kwargs)
+
+    def _base_options(self, config: Any) -> dict[str, Any]:
+        """The base model's keyword arguments beyond dtypes and rngs (``add_pooling_layer``)."""
+        return {}
+
+    def _init_head(self, config: Any, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        raise NotImplementedError
+
+    @property
+    def base_model(self) -> nnx.Module:
+        return getattr(self, self.config.base_model_prefix)
+
+    def get_input_embeddings(self) -> nnx.Embed | None:
+        return self.base_model.get_input_embeddings()

@@ -22,6 +22,7 @@ from peftjax.models import registry
 from peftjax.models.bert import BertConfig
 from peftjax.models.errors import UnsupportedModelError
 from peftjax.models.llama import LlamaConfig, RopeParameters
+from peftjax.models.resnet import ResNetConfig
 from peftjax.models.vit import ViTConfig
 
 _LLAMA3_ROPE = dict(
@@ -86,6 +87,10 @@ PRESETS: Mapping[str, registry.ModelConfig] = {
     ),
     # google/vit-base-patch16-224.
     "vit-base": ViTConfig(),
+    # microsoft/resnet-18, -34 and -50, with their ImageNet-1k heads.
+    "resnet-18": ResNetConfig(layer_type="basic", hidden_sizes=(64, 128, 256, 512), depths=(2, 2, 2, 2), num_labels=1000),
+    "resnet-34": ResNetConfig(layer_type="basic", hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 6, 3), num_labels=1000),
+    "resnet-50": ResNetConfig(num_labels=1000),
     # Test-sized members of each family.
     "bert-tiny": BertConfig(max_position_embeddings=128, **_TINY_TEXT),
     "roberta-tiny": BertConfig(max_position_embeddings=130, **_TINY_TEXT, **_ROBERTA),
@@ -114,6 +119,8 @@ PRESETS: Mapping[str, registry.ModelConfig] = {
         image_size=32,
         patch_size=8,
     ),
+    # Four stages, as the full-size ResNets have; identity and projection shortcuts both occur.
+    "resnet-tiny": ResNetConfig(layer_type="basic", embedding_size=8, hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
 }
 
 
@@ -147,9 +154,9 @@ def from_config(
 
     Args:
         name_or_config: a name from ``presets()`` or a ``BertConfig``/
-            ``LlamaConfig``/``ViTConfig``.
+            ``LlamaConfig``/``ViTConfig``/``ResNetConfig``.
         task: the head ("base", "sequence-classification", ...); by default
-            the family's base model (BERT, ViT) or causal LM (Llama), or its
+            the family's base model (BERT, ViT, ResNet) or causal LM (Llama), or its
             classifier when ``num_labels`` is given.
         num_labels: size of a classification head.
         dtype, param_dtype: computation and parameter dtypes.

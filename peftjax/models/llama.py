@@ -495,7 +495,25 @@ class LlamaModel(nnx.Module):
         return ModelOutput(last_hidden_state=x_btd)
 
 
-class LlamaForCausalLM(nnx.Module):
+class _LlamaWithHead(common.ModelWithHead):
+    """The decoder under ``model``, a head on its output."""
+
+    base_model_class: ClassVar[type[nnx.Module]] = LlamaModel
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+    ) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, position_ids)
+        return out.replace(logits=self._logits(out, input_ids, attention_mask))
+
+    def _logits(self, out: ModelOutput, input_ids: Array, attention_mask: Array | None) -> Array:
+        raise NotImplementedError
+
+
+class LlamaForCausalLM(_LlamaWithHead):
     """Decoder plus language-model head (``logits``: (batch, seq, vocab)).
 
     With ``tie_word_embeddings`` there is no ``lm_head`` module: logits are
@@ -506,47 +524,18 @@ class LlamaForCausalLM(nnx.Module):
     output_head_names: ClassVar[tuple[str, ...]] = ("lm_head",)
     hf_architecture_suffix: ClassVar[str] = "ForCausalLM"
 
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = common.linear(
-                config,
-                config.hidden_size,
-                config.vocab_size,
-                bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+    def _init_head(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.lm_head = None if config.tie_word_embeddings else common.linear(
+            config, config.hidden_size, config.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
-    def get_input_embeddings(self) -> nnx.Embed:
-        return self.model.embed_tokens
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-    ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids)
+    def _logits(self, out: ModelOutput, input_ids: Array, attention_mask: Array | None) -> Array:
         if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(out.last_hidden_state)
-        else:
-            logits = self.lm_head(out.last_hidden_state)
-        return out.replace(logits=logits)
+            return self.model.embed_tokens.attend(out.last_hidden_state)
+        return self.lm_head(out.last_hidden_state)
 
 
-class LlamaForSequenceClassification(nnx.Module):
+class LlamaForSequenceClassification(_LlamaWithHead):
     """Decoder plus ``score`` on the last real token (``logits``: (batch, num_labels)).
 
     The pooled token is the rightmost position whose ``attention_mask`` is 1
@@ -558,36 +547,12 @@ class LlamaForSequenceClassification(nnx.Module):
     output_head_names: ClassVar[tuple[str, ...]] = ("score",)
     hf_architecture_suffix: ClassVar[str] = "ForSequenceClassification"
 
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def _init_head(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
         self.score = common.linear(
-            config,
-            config.hidden_size,
-            config.num_labels,
-            bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
+            config, config.hidden_size, config.num_labels, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
-    def get_input_embeddings(self) -> nnx.Embed:
-        return self.model.embed_tokens
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-    ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids)
+    def _logits(self, out: ModelOutput, input_ids: Array, attention_mask: Array | None) -> Array:
         if attention_mask is not None:
             real_bt = attention_mask.astype(bool)
         elif self.config.pad_token_id is not None:
@@ -599,7 +564,7 @@ class LlamaForSequenceClassification(nnx.Module):
         pooled_bd = jnp.take_along_axis(
             out.last_hidden_state, last_b[:, None, None], axis=1
         )[:, 0]
-        return out.replace(logits=self.score(pooled_bd))
+        return self.score(pooled_bd)
 
 
 __all__ = [

@@ -3,7 +3,9 @@
 A model's parameter paths already equal the checkpoint's module names (the
 models mirror transformers' attribute names), so mapping is mechanical: the
 leaf name becomes ``weight``/``bias`` and linear (and conv) kernels are
-transposed from torch's (out, in) layout. Loading builds the model abstractly
+transposed from torch's (out, in) layout. Batch norms' running statistics
+(``nnx.BatchStat``) are checkpoint entries too, and load and save like
+parameters. Loading builds the model abstractly
 with ``nnx.eval_shape``, checks every checkpoint shape before reading any
 tensor, and reads tensors one at a time. Only parameters the checkpoint lacks
 (a new head) are initialised for real, inside one ``jax.jit`` whose unused
@@ -30,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from peftjax.models import registry
+from peftjax.models.batch_norm import BatchNorm
 from peftjax.models.errors import (
     CheckpointNotFoundError,
     ModelLoadError,
@@ -56,7 +59,22 @@ _LAYER_LEAVES: Mapping[type, Mapping[str, tuple[str, str]]] = {
     nnx.Embed: {"embedding": ("weight", "same")},
     nnx.LayerNorm: {"scale": ("weight", "same"), "bias": ("bias", "same")},
     nnx.RMSNorm: {"scale": ("weight", "same")},
+    nnx.BatchNorm: {
+        "scale": ("weight", "same"),
+        "bias": ("bias", "same"),
+        "mean": ("running_mean", "same"),
+        "var": ("running_var", "same"),
+    },
+    BatchNorm: {
+        "scale": ("weight", "same"),
+        "bias": ("bias", "same"),
+        "mean": ("running_mean", "same"),
+        "var": ("running_var", "same"),
+        "num_batches_tracked": ("num_batches_tracked", "count"),
+    },
 }
+# What a checkpoint holds: parameters and batch norms' running statistics.
+_CHECKPOINT_VARIABLES = (nnx.Param, nnx.BatchStat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +112,15 @@ def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
         return array.T
     if layout == "conv":
         return array.transpose(3, 2, 0, 1)
+    if layout == "count":  # torch keeps counters as int64; JAX (without x64) as int32
+        return array.astype(np.int64)
     return array
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy when needed; unlike ``np.ascontiguousarray`` it keeps
+    scalars (a batch norm's counter) zero-dimensional."""
+    return np.require(array, requirements="C")
 
 
 def _model_shape(torch_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -121,17 +147,17 @@ def _is_reference_module(module: Any) -> bool:
 
 
 def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], list[str]]:
-    """Maps each parameter path to its checkpoint key and layout.
+    """Maps each parameter (and running statistic) path to its checkpoint key and layout.
 
     Returns ``(names, skipped)``: ``names[path] = (hf_key, layout)`` for every
-    parameter of the reference architecture, and the dotted paths of
-    parameters under other modules (adapters, points), which have no
-    transformers counterpart.
+    parameter and batch-norm statistic of the reference architecture, and the
+    dotted paths of those under other modules (adapters, points), which have
+    no transformers counterpart.
     """
     modules = dict(nnx.iter_modules(model))
     names: dict[tuple, tuple[str, str]] = {}
     skipped: list[str] = []
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, _ in nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)):
         owner_path, leaf = path[:-1], path[-1]
         chain = [modules.get(owner_path[:i]) for i in range(len(owner_path) + 1)]
         if not all(m is not None and _is_reference_module(m) for m in chain):
@@ -444,7 +470,7 @@ def from_pretrained(
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
             array = to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
-            value = jnp.asarray(np.ascontiguousarray(array), dtype=variable.dtype)
+            value = jnp.asarray(_contiguous(array), dtype=variable.dtype)
         elif isinstance(variable, nnx.RngKey):
             value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
         elif isinstance(variable, nnx.RngCount):
@@ -521,13 +547,14 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
             registry.hf_architecture(model),
             _summarise(skipped),
         )
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    variables = dict(nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)))
     tensors: dict[str, np.ndarray] = {}
-    dtypes = set()
+    dtypes = set()  # of the parameters: running statistics and counters keep their own
     for leaf_path, (hf_key, layout) in names.items():
-        array = np.asarray(jax.device_get(params[leaf_path].get_value()))
-        dtypes.add(array.dtype)
-        tensors[hf_key] = np.ascontiguousarray(to_torch_layout(array, layout))
+        array = np.asarray(jax.device_get(variables[leaf_path].get_value()))
+        if isinstance(variables[leaf_path], nnx.Param):
+            dtypes.add(array.dtype)
+        tensors[hf_key] = _contiguous(to_torch_layout(array, layout))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = {"architectures": [registry.hf_architecture(model)], **model.config.to_hf_dict()}

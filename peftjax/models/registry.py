@@ -25,6 +25,7 @@ from peftjax.models.llama import (
     LlamaForSequenceClassification,
     LlamaModel,
 )
+from peftjax.models.resnet import ResNetConfig, ResNetForImageClassification, ResNetModel
 from peftjax.models.vit import ViTConfig, ViTForImageClassification, ViTModel
 
 BASE = "base"
@@ -73,6 +74,7 @@ _LLAMA_CLASSES = {
     SEQUENCE_CLASSIFICATION: LlamaForSequenceClassification,
 }
 _VIT_CLASSES = {BASE: ViTModel, IMAGE_CLASSIFICATION: ViTForImageClassification}
+_RESNET_CLASSES = {BASE: ResNetModel, IMAGE_CLASSIFICATION: ResNetForImageClassification}
 
 FAMILIES: Mapping[str, Family] = {
     "bert": Family(BertConfig, "Bert", _BERT_CLASSES, BASE, SEQUENCE_CLASSIFICATION),
@@ -81,10 +83,11 @@ FAMILIES: Mapping[str, Family] = {
     "mistral": Family(LlamaConfig, "Mistral", _LLAMA_CLASSES, CAUSAL_LM, SEQUENCE_CLASSIFICATION),
     "qwen2": Family(LlamaConfig, "Qwen2", _LLAMA_CLASSES, CAUSAL_LM, SEQUENCE_CLASSIFICATION),
     "vit": Family(ViTConfig, "ViT", _VIT_CLASSES, BASE, IMAGE_CLASSIFICATION),
+    "resnet": Family(ResNetConfig, "ResNet", _RESNET_CLASSES, BASE, IMAGE_CLASSIFICATION),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
-ModelConfig = BertConfig | LlamaConfig | ViTConfig
+ModelConfig = BertConfig | LlamaConfig | ViTConfig | ResNetConfig
 
 
 def family(model_type: str | None) -> Family:

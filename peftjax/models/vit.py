@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import common
-from peftjax.models.bert import BertSelfAttention
+from peftjax.models.bert import BertIntermediate, BertSelfAttention
 from peftjax.models.common import Array, ModelOutput
 from peftjax.points import BranchOutput, InputEmbeddings
 
@@ -195,18 +195,20 @@ class ViTEmbeddings(nnx.Module):
         return self.dropout(x_btd), mask_bt
 
 
-class ViTSelfOutput(nnx.Module):
-    """Attention output projection and dropout (the residual is the layer's)."""
+class ViTOutput(nnx.Module):
+    """A branch's projection back to the hidden size and dropout (the residual is the layer's).
 
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = common.linear(
-            config, config.hidden_size, config.hidden_size,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )
+    It closes both branches: ``attention.output`` projects the attention heads
+    (``din`` = hidden size), ``output`` the MLP's hidden units (``din`` =
+    intermediate size).
+    """
+
+    def __init__(self, config: ViTConfig, din: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = common.linear(config, din, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, x_btd: Array) -> Array:
-        return self.dropout(self.dense(x_btd))
+    def __call__(self, h_btf: Array) -> Array:
+        return self.dropout(self.dense(h_btf))
 
 
 class ViTAttention(nnx.Module):
@@ -215,38 +217,10 @@ class ViTAttention(nnx.Module):
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = BertSelfAttention(config, bias=config.qkv_bias, **kwargs)
-        self.output = ViTSelfOutput(config, **kwargs)
+        self.output = ViTOutput(config, config.hidden_size, **kwargs)
 
     def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
         return self.output(self.attention(x_btd, mask_bt))
-
-
-class ViTIntermediate(nnx.Module):
-    """First MLP projection and its activation."""
-
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = common.linear(
-            config, config.hidden_size, config.intermediate_size,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )
-        self.hidden_act = config.hidden_act
-
-    def __call__(self, x_btd: Array) -> Array:
-        return common.activation(self.hidden_act)(self.dense(x_btd))
-
-
-class ViTOutput(nnx.Module):
-    """Second MLP projection and dropout (the residual is the layer's)."""
-
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = common.linear(
-            config, config.intermediate_size, config.hidden_size,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
-
-    def __call__(self, h_btf: Array) -> Array:
-        return self.dropout(self.dense(h_btf))
 
 
 class ViTLayer(nnx.Module):
@@ -255,8 +229,8 @@ class ViTLayer(nnx.Module):
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = ViTAttention(config, **kwargs)
-        self.intermediate = ViTIntermediate(config, **kwargs)
-        self.output = ViTOutput(config, **kwargs)
+        self.intermediate = BertIntermediate(config, **kwargs)
+        self.output = ViTOutput(config, config.intermediate_size, **kwargs)
         self.layernorm_before = common.layer_norm(config, **kwargs)
         self.layernorm_after = common.layer_norm(config, **kwargs)
         self.after_attention = BranchOutput()
@@ -268,36 +242,6 @@ class ViTLayer(nnx.Module):
         h_btd = self.layernorm_after(x_btd)
         out_btd = self.output(self.intermediate(h_btd))
         return x_btd + self.after_mlp(out_btd, h_btd)
-
-
-class ViTEncoder(nnx.Module):
-    """The stack of layers (``encoder.layer.N``)."""
-
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.remat = config.remat
-        self.layer = nnx.List(
-            [
-                ViTLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
-
-    def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
-        return common.run_layers(self.layer, x_btd, mask_bt, remat=self.remat)
-
-
-class ViTPooler(nnx.Module):
-    """act(dense([CLS])), the pooled output of ``ViTModel``."""
-
-    def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = common.linear(
-            config, config.hidden_size, config.pooler_output_size,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )
-        self.pooler_act = config.pooler_act
-
-    def __call__(self, x_btd: Array) -> Array:
-        return common.activation(self.pooler_act)(self.dense(x_btd[:, 0]))
 
 
 class ViTModel(nnx.Module):
@@ -319,9 +263,11 @@ class ViTModel(nnx.Module):
         self.config = config
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = ViTEmbeddings(config, **kwargs)
-        self.encoder = ViTEncoder(config, **kwargs)
+        self.encoder = common.Encoder(config, ViTLayer, **kwargs)
         self.layernorm = common.layer_norm(config, **kwargs)
-        self.pooler = ViTPooler(config, **kwargs) if add_pooling_layer else None
+        self.pooler = (
+            common.Pooler(config, config.pooler_output_size, config.pooler_act, **kwargs) if add_pooling_layer else None
+        )
 
     def get_input_embeddings(self) -> None:
         """ViT has no token embedding table."""
@@ -335,32 +281,21 @@ class ViTModel(nnx.Module):
         return ModelOutput(last_hidden_state=x_btd, pooler_output=pooled_bd)
 
 
-class ViTForImageClassification(nnx.Module):
+class ViTForImageClassification(common.ModelWithHead):
     """ViT plus a linear ``classifier`` on the final [CLS] state."""
 
+    base_model_class: ClassVar[type[nnx.Module]] = ViTModel
     output_head_names: ClassVar[tuple[str, ...]] = ("classifier",)
     hf_architecture_suffix: ClassVar[str] = "ForImageClassification"
     hf_module_renames: ClassVar[tuple[tuple[str, str], ...]] = HF_MODULE_RENAMES
 
-    def __init__(
-        self,
-        config: ViTConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.config = config
-        self.vit = ViTModel(
-            config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.classifier = common.linear(
-            config, config.hidden_size, config.num_labels,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )
+    def _base_options(self, config: ViTConfig) -> dict[str, Any]:
+        return {"add_pooling_layer": False}
 
-    def get_input_embeddings(self) -> None:
-        return None
+    def _init_head(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.classifier = common.linear(
+            config, config.hidden_size, config.num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, pixel_values: Array) -> ModelOutput:
         out = self.vit(pixel_values)

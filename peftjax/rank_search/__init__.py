@@ -5,6 +5,7 @@
 * ``batched``: K ranks in one jitted program over one shared base
   (``build_batched_state``, ``BatchedTrainStep``, ``MaskedLoraLinear``);
 * ``sweep``: ``run_rank_search``, what ``peftjax rank-search`` runs;
+* ``summary``: means over seeds, the Pareto front, spectra and subspace similarities;
 * ``report``: ``report.md`` and plots from the results.
 """
 

@@ -57,7 +57,7 @@ from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
 from peftjax.methods.base import AdapterWrapper
 from peftjax.methods.lora import LoraA, LoraB, LoraConfig, LoraLinear
-from peftjax.train.state import LossFn, TrainState, TrainStep, _Static
+from peftjax.train.state import TrainState, TrainStep, _Static
 from peftjax.variables import AdapterBuffer
 
 ADAPTER_NAME = "default"
@@ -184,10 +184,7 @@ def scale_by_member_learning_rate() -> optax.GradientTransformation:
 
 def with_member_learning_rate(optimizer: PeftOptimizer) -> PeftOptimizer:
     """``optimizer`` (built at peak rate 1) followed by the member's rate, keeping its labels."""
-    chained = optax.chain(optimizer, scale_by_member_learning_rate())
-    result = PeftOptimizer(chained.init, chained.update)
-    result.labels = optimizer.labels
-    return result
+    return optimizer.carrying(optax.chain(optimizer, scale_by_member_learning_rate()))
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +201,7 @@ class Member:
 
 
 @struct.dataclass
-class BatchedLoraState:
+class BatchedLoraState(TrainState):
     """K train states sharing one frozen base.
 
     ``step``, ``trainable``, ``opt_state`` and ``rest`` have a leading axis of
@@ -213,12 +210,6 @@ class BatchedLoraState:
     computes exactly the rank-r LoRA).
     """
 
-    step: jax.Array
-    trainable: nnx.State
-    opt_state: optax.OptState
-    rest: nnx.State
-    frozen: nnx.State
-    static: _Static = struct.field(pytree_node=False)
     members: tuple[Member, ...] = struct.field(pytree_node=False)
 
     @property
@@ -245,7 +236,7 @@ class BatchedLoraState:
     def frozen_bytes(self) -> int:
         return sum(_nbytes(leaf) for leaf in jax.tree.leaves(self.frozen))
 
-    def replicated(self, mesh: Mesh) -> BatchedLoraState:
+    def on_mesh(self, mesh: Mesh) -> BatchedLoraState:
         """Every buffer replicated over ``mesh``: the placement the step's outputs
         get, so that the second step finds the first one's program (a state left on
         its default device would compile the step twice)."""
@@ -335,7 +326,7 @@ def build_batched_state(
         for wrapper in masked:
             wrapper.scale[...] = jnp.asarray(dataclasses.replace(template, rank=member.rank).scale, jnp.float32)
             wrapper.rank_mask[...] = (jnp.arange(padded_rank) < member.rank).astype(jnp.float32)
-        rest_template = nnx.state(model, nnx.Not(nnx.Param))
+        rest_template = nnx.state(model, base.static.rest_filter)
         trainable = _filled(base.trainable, own_trainable)
         trainables.append(trainable)
         rests.append(_filled(rest_template, own_rest))
@@ -363,30 +354,15 @@ def build_batched_state(
 # ----------------------------------------------------------------------------
 
 
-class BatchedTrainStep:
+class BatchedTrainStep(TrainStep):
     """``step(state, batch) -> (state, metrics)`` for a ``BatchedLoraState``.
 
     The single-run update of ``TrainStep`` (gradient accumulation included)
     under ``jax.vmap``: member state on axis 0, frozen base and batch
-    broadcast. Metrics come back with a leading axis of size K. The member
-    buffers are donated, as in ``TrainStep``.
+    broadcast. Metrics come back with a leading axis of size K. Everything
+    else (compiling, donating the member buffers, ``lower``) is ``TrainStep``'s.
     """
 
-    def __init__(self, loss_fn: LossFn, *, grad_accum: int = 1):
-        self._single = TrainStep(loss_fn, grad_accum=grad_accum)
-        self._jitted = jax.jit(self._update, static_argnums=0, donate_argnums=1)
-
     def _update(self, static: _Static, carry, frozen: nnx.State, batch):
-        member_update = functools.partial(self._single._update, static)
+        member_update = functools.partial(super()._update, static)
         return jax.vmap(member_update, in_axes=(0, None, None))(carry, frozen, batch)
-
-    @staticmethod
-    def _args(state: BatchedLoraState, batch):
-        return state.static, (state.step, state.trainable, state.opt_state, state.rest), state.frozen, batch
-
-    def __call__(self, state: BatchedLoraState, batch) -> tuple[BatchedLoraState, dict[str, jax.Array]]:
-        (step, trainable, opt_state, rest), metrics = self._jitted(*self._args(state, batch))
-        return state.replace(step=step, trainable=trainable, opt_state=opt_state, rest=rest), metrics
-
-    def lower(self, state: BatchedLoraState, batch) -> jax.stages.Lowered:
-        return self._jitted.lower(*self._args(state, batch))

@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import math
 import pathlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from flax import nnx
 from peftjax.config import ConfigError, ExperimentConfig, load_config
 from peftjax.core.inject import apply, delete_adapter, iter_wrappers
 from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
+from peftjax.data import check_data_files
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
 from peftjax.methods.lora import LoraConfig
@@ -86,6 +88,25 @@ METRIC_KINDS = {"accuracy": True, "loss": False}
 
 class SweepError(ConfigError):
     """A rank-search config that cannot run; the message names the ``sweep.`` key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One configuration of the sweep."""
+
+    target_set: str
+    rank: int
+    seed: int
+    learning_rate: float
+
+    @property
+    def name(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.target_set)
+        return f"{safe}-r{self.rank}-s{self.seed}-lr{self.learning_rate:g}"
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Point:
+        return cls(row["target_set"], row["rank"], row["seed"], row["learning_rate"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +333,9 @@ def load_rank_search(path: str | pathlib.Path, overrides: Iterable[str] = ()) ->
     """
     sections: dict[str, Any] = {SWEEP_KEY: None}
     config = load_config(path, overrides, method_validator=config_from_dict, split_sections=sections)
+    check_data_files(config.data)
+    if config.strategies:
+        raise SweepError("rank search trains LoRA at many ranks on its own; remove the strategies", "strategies")
     sweep = SweepConfig.from_dict(sections[SWEEP_KEY])
     template_method(config)
     check_metrics(config, sweep)

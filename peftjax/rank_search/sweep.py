@@ -5,7 +5,7 @@ Two ways to train the same points:
 * ``batched``: per seed, the data and the base model are prepared once
   (``runner.prepare``); per target set, all ranks x rates are trained in one
   jitted program (``peftjax.rank_search.batched``), each member evaluated with
-  ``runner.evaluate`` on the padded, masked model that computes its rank-r LoRA.
+  ``tasks.evaluate`` on the padded, masked model that computes its rank-r LoRA.
 * ``sequential``: each point is its own run, built as ``peftjax train`` builds
   it (``prepare``: data, model, methods, optimizer; ``TrainState`` and
   ``make_train_step``), without the run's checkpoints and logs.
@@ -28,9 +28,7 @@ import json
 import math
 import os
 import pathlib
-import re
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,46 +40,36 @@ from peftjax.config import ExperimentConfig, FrozenDict
 from peftjax.core.counting import count_params
 from peftjax.core.inject import delete_adapter
 from peftjax.core.paths import Targets
+from peftjax.data import BatchLoader
 from peftjax.methods.lora import LoraConfig
 from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
 from peftjax.rank_search.config import (
+    Point,
     SweepConfig,
     SweepError,
     TargetSet,
     adapted_modules,
     check_ranks,
-    higher_is_better,
     resolve_target_sets,
     template_method,
 )
+from peftjax.rank_search.summary import (
+    ENERGIES,
+    agreement,
+    mean_spectra,
+    pareto,
+    save_factors,
+    similarities,
+    summarize,
+)
 from peftjax.train import runner
-from peftjax.train.data import BatchLoader
-from peftjax.train.sharding import global_batch, make_mesh, shard_state
+from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
+from peftjax.train.tasks import evaluate
 
 RESULTS_JSON = "rank_search.json"
 RESULTS_CSV = "rank_search.csv"
 POINTS_DIR = "points"
-ENERGIES = (0.9, 0.99)
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """One configuration of the sweep."""
-
-    target_set: str
-    rank: int
-    seed: int
-    learning_rate: float
-
-    @property
-    def name(self) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.target_set)
-        return f"{safe}-r{self.rank}-s{self.seed}-lr{self.learning_rate:g}"
-
-    @classmethod
-    def of(cls, row: dict[str, Any]) -> Point:
-        return cls(row["target_set"], row["rank"], row["seed"], row["learning_rate"])
 
 
 @dataclasses.dataclass
@@ -161,7 +149,7 @@ def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mes
     for split in ("eval", "test"):
         if split in prep.task.splits:
             loader = prep.task.eval_loader(config.train.eval_batch_size, split)
-            found = runner.evaluate(model, loader, prep.loss_fn, mesh)
+            found = evaluate(model, loader, prep.loss_fn, mesh)
             scores.update({f"{split}_{k}": v for k, v in found.items()})
     return scores
 
@@ -277,7 +265,7 @@ def run_batched(
                 shape_key = (target_set.name, max(m.rank for m in members), len(members))  # same program
                 step_fn, static = steps.get(shape_key, (None, None))
                 state, counts = build_batched_state(prep.model, lora, members, make_tx, reuse_static=static)
-                state = state.replicated(mesh)
+                state = state.on_mesh(mesh)
                 timing.setup_s = time.perf_counter() - started + data_s
                 data_s = 0.0  # the data and the model were loaded once for the seed: charged to its first program
                 if step_fn is None:
@@ -315,7 +303,7 @@ def run_sequential(
         target_set = targets_of[point.target_set]
         cfg = point_config(config, target_set.targets, point)
         prep = runner.prepare(cfg)
-        state = shard_state(TrainState.create(prep.model, prep.optimizer), mesh)  # as peftjax train lays it out
+        state = TrainState.create(prep.model, prep.optimizer).on_mesh(mesh)  # as peftjax train lays it out
         counts = count_params(prep.model, prep.optimizer.labels)
         timing.setup_s = time.perf_counter() - started
         step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
@@ -327,199 +315,6 @@ def run_sequential(
         log(f"sequential {point.name}: first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step")
         yield _result(point, target_set, template, counts, metrics, losses, timing, mode="sequential",
                       program=point.name, members=1, factors=member_factors(model))
-
-
-# ----------------------------------------------------------------------------
-# Summaries and analysis.
-# ----------------------------------------------------------------------------
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def select_learning_rates(rows: Sequence[dict], sweep: SweepConfig) -> dict[tuple[str, int], float]:
-    """Per (target set, rank): the rate with the best mean ``select_metric`` over seeds
-    (the only rate when rates are not tuned)."""
-    by_rate: dict[tuple[str, int], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        key = (row["target_set"], row["rank"])
-        by_rate[key][row["learning_rate"]].append(row.get(sweep.select_metric, math.nan))
-    better = higher_is_better(sweep.select_metric)
-    chosen = {}
-    for key, rates in by_rate.items():
-        if len(rates) == 1:
-            chosen[key] = next(iter(rates))
-            continue
-        means = {lr: float(np.mean(v)) for lr, v in rates.items()}
-        finite = {lr: m for lr, m in means.items() if math.isfinite(m)} or means
-        chosen[key] = (max if better else min)(finite, key=finite.get)
-    return chosen
-
-
-def summarize(rows: Sequence[dict], sweep: SweepConfig) -> list[dict[str, Any]]:
-    """One entry per (target set, rank) at its selected rate: the metric's mean and
-    std over seeds, parameters, timing, effective ranks."""
-    chosen = select_learning_rates(rows, sweep)
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for row in rows:
-        key = (row["target_set"], row["rank"])
-        if row["learning_rate"] == chosen[key]:
-            groups[key].append(row)
-    summary = []
-    for (target_set, rank), group in groups.items():
-        mean, std = _mean_std([r.get(sweep.metric, math.nan) for r in group])
-        memory = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
-        entry = {
-            "target_set": target_set,
-            "rank": rank,
-            "learning_rate": chosen[(target_set, rank)],
-            "seeds": len(group),
-            "metric": sweep.metric,
-            "mean": mean,
-            "std": std,
-            "trainable_params": group[0]["trainable_params"],
-            "step_time_s": float(np.mean([r["step_time_s"] for r in group])),
-            "step_time_per_member_s": float(np.mean([r["step_time_per_member_s"] for r in group])),
-            "members_in_program": group[0]["members_in_program"],
-            "peak_memory_bytes": max(memory) if memory else None,
-            "all_finite": all(r["finite"] for r in group),
-        }
-        for energy in ENERGIES:
-            key = f"effective_rank_{round(energy * 100)}"
-            entry[key] = float(np.mean([r[key] for r in group]))
-        summary.append(entry)
-    order = {t.name: i for i, t in enumerate(sweep.target_sets)}
-    return sorted(summary, key=lambda e: (order.get(e["target_set"], len(order)), e["rank"]))
-
-
-def pareto(summary: Sequence[dict], sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The (target set, rank) entries on the front of trainable parameters vs the metric."""
-    front = lowrank.pareto_front([e["trainable_params"] for e in summary], [e["mean"] for e in summary],
-                                 higher_is_better=higher_is_better(sweep.metric))
-    return [{k: summary[i][k] for k in ("target_set", "rank", "trainable_params", "mean", "std")} for i in front]
-
-
-def _load_factors(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    with np.load(path) as data:
-        modules = sorted({key.rsplit("|", 1)[0] for key in data.files})
-        return {m: (data[f"{m}|A"], data[f"{m}|B"], float(data[f"{m}|scale"])) for m in modules}
-
-
-def _save_factors(path: pathlib.Path, factors: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> None:
-    arrays = {}
-    for module, (a, b, scale) in factors.items():
-        arrays[f"{module}|A"], arrays[f"{module}|B"], arrays[f"{module}|scale"] = a, b, np.float64(scale)
-    np.savez(path, **arrays)
-
-
-def similarities(rows: Sequence[dict], sweep: SweepConfig, points_dir: pathlib.Path) -> dict[str, Any]:
-    """Subspace similarity (Hu et al. 2021, section 7.2) between adapters.
-
-    Across ranks: each rank r vs the largest rank R at the same seed, over the
-    modules both adapt: phi(1, 1) (top directions) and phi(r, r) (all of rank
-    r's directions vs R's top r), on A's input-space singular vectors (the
-    paper's phi) and on Delta W's input-space singular vectors (what the update
-    reads). Across seeds: the same rank at two seeds. With the random-subspace
-    expectation max(i', j') / d beside each. Also the phi(i', j') grid of one
-    rank pair (8 vs R when 8 is swept), averaged over modules, for the plot.
-    """
-    chosen = select_learning_rates(rows, sweep)
-    picked = {(r["target_set"], r["rank"], r["seed"]): r for r in rows
-              if r["learning_rate"] == chosen[(r["target_set"], r["rank"])]}
-    largest = max(sweep.ranks)
-    grid_rank = 8 if 8 in sweep.ranks and largest > 8 else (sweep.ranks[-2] if len(sweep.ranks) > 1 else None)
-    result: dict[str, Any] = {"largest_rank": largest, "grid_ranks": [grid_rank, largest] if grid_rank else None,
-                              "across_ranks": [], "across_seeds": [], "grid": {}}
-    bases_cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-
-    def bases(target_set: str, rank: int, seed: int):
-        key = (target_set, rank, seed)
-        if key not in bases_cache:
-            row = picked.get(key)
-            file = points_dir / f"{Point.of(row).name}.npz" if row else None
-            if file is None or not file.exists():
-                bases_cache[key] = {}
-            else:
-                bases_cache[key] = {
-                    m: (lowrank.input_subspace(a), lowrank.delta_input_subspace(a, b))
-                    for m, (a, b, _) in _load_factors(file).items()
-                }
-        return bases_cache[key]
-
-    def compare(first, second, top: int) -> dict[str, float]:
-        modules = sorted(set(first) & set(second))
-        if not modules:
-            return {}
-        stats = defaultdict(list)
-        for m in modules:
-            (a1, d1), (a2, d2) = first[m], second[m]
-            dim = a1.shape[0]
-            stats["phi_A_top1"].append(lowrank.subspace_similarity(a1, a2, 1, 1))
-            stats["phi_A_top_r"].append(lowrank.subspace_similarity(a1, a2, top, top))
-            stats["phi_dW_top1"].append(lowrank.subspace_similarity(d1, d2, 1, 1))
-            stats["phi_dW_top_r"].append(lowrank.subspace_similarity(d1, d2, top, top))
-            stats["random_top1"].append(lowrank.random_similarity(1, 1, dim))
-            stats["random_top_r"].append(lowrank.random_similarity(top, top, dim))
-        return {k: float(np.mean(v)) for k, v in stats.items()} | {"modules": len(modules)}
-
-    for target_set in [t.name for t in sweep.target_sets]:
-        for rank in sweep.ranks:
-            if rank < largest:
-                found = [compare(bases(target_set, rank, s), bases(target_set, largest, s), rank) for s in sweep.seeds]
-                found = [f for f in found if f]
-                if found:
-                    result["across_ranks"].append({"target_set": target_set, "rank": rank, "vs_rank": largest,
-                                                   **_average(found)})
-            if len(sweep.seeds) > 1:
-                pairs = [(a, b) for i, a in enumerate(sweep.seeds) for b in sweep.seeds[i + 1 :]]
-                found = [compare(bases(target_set, rank, a), bases(target_set, rank, b), rank) for a, b in pairs]
-                found = [f for f in found if f]
-                if found:
-                    result["across_seeds"].append({"target_set": target_set, "rank": rank, "seed_pairs": len(found),
-                                                   **_average(found)})
-        if grid_rank:
-            first, second = bases(target_set, grid_rank, sweep.seeds[0]), bases(target_set, largest, sweep.seeds[0])
-            modules = sorted(set(first) & set(second))
-            if modules:
-                grids = [lowrank.similarity_grid(first[m][0], second[m][0]) for m in modules]
-                result["grid"][target_set] = np.mean(grids, axis=0).tolist()
-    return result
-
-
-def _average(found: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([f[k] for f in found])) for k in found[0]}
-
-
-def mean_spectra(rows: Sequence[dict], sweep: SweepConfig) -> dict[str, dict[int, list[float]]]:
-    """Per target set and rank (selected rate): sigma_i / sigma_1 of Delta W, averaged
-    over modules and seeds."""
-    chosen = select_learning_rates(rows, sweep)
-    collected: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if row["learning_rate"] != chosen[(row["target_set"], row["rank"])]:
-            continue
-        for values in row["spectra"].values():
-            values = np.asarray(values)
-            if values.size and values[0] > 0:
-                collected[row["target_set"]][row["rank"]].append(values / values[0])
-    return {t: {r: np.mean(v, axis=0).tolist() for r, v in sorted(by_rank.items())} for t, by_rank in collected.items()}
-
-
-def _agreement(first: Sequence[dict], second: Sequence[dict], metric_names: Sequence[str]) -> dict[str, Any]:
-    """How far the batched and the sequential rows of the same points are apart."""
-    key = lambda r: (r["target_set"], r["rank"], r["seed"], r["learning_rate"])  # noqa: E731
-    others = {key(r): r for r in second}
-    diffs: dict[str, list[float]] = defaultdict(list)
-    for row in first:
-        other = others.get(key(row))
-        if other is None:
-            continue
-        for name in [*metric_names, "final_train_loss"]:
-            if name in row and name in other:
-                diffs[name].append(abs(row[name] - other[name]))
-    return {f"max_abs_diff_{k}": float(np.max(v)) for k, v in diffs.items() if v} | {"points": len(first)}
 
 
 # ----------------------------------------------------------------------------
@@ -604,7 +399,7 @@ def run_rank_search(
         for result in results:
             rows.append(result.row)
             if mode == primary:
-                _save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
+                save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
         programs = _unique_programs(rows)
         timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
                         "load_after": _machine_load(), "programs": len(programs),
@@ -652,7 +447,7 @@ def _write_results(
     for other, other_rows in rows_by_mode.items():
         if other != primary:
             payload[f"{other}_rows"] = [_without_spectra(r) for r in other_rows]
-            payload["agreement"] = _agreement(rows, other_rows, [sweep.metric])
+            payload["agreement"] = agreement(rows, other_rows, [sweep.metric])
             write_csv(out / f"rank_search_{other}.csv", other_rows)
     staging = out / f".{RESULTS_JSON}.tmp"
     staging.write_text(json.dumps(_finite_or_null(payload), indent=1, default=_json_default, allow_nan=False))

@@ -2,15 +2,16 @@
 
 ``run(config)`` is what ``peftjax train`` calls; rank search calls the same
 pieces. The steps, in order: check the output folder (before anything slow),
-load model and data, apply the methods, build the optimizer from labels, lay
-the state out on the mesh, then train with periodic evaluation, checkpoints
-and logs, and write the result last and atomically.
+load model and data, apply the methods and attach the training strategies,
+build the optimizer from labels, lay the state out on the mesh, then train
+with periodic evaluation, checkpoints and logs, and write the result last and
+atomically. Strategies (``peftjax.strategies``) come in through their hooks
+at fixed points of the loop; the loop knows none of them by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -26,23 +27,29 @@ import numpy as np
 import optax
 from flax import nnx
 
+from peftjax import data as data_lib
 from peftjax.config import ExperimentConfig
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
-from peftjax.core.labels import make_optimizer
+from peftjax.core.labels import PeftOptimizer
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
-from peftjax.train import data as data_lib
+from peftjax.strategies.base import (
+    Strategy,
+    attach_modules,
+    build_strategies,
+    stage_optimizer,
+    stage_starts,
+    stages_at,
+    step_loss,
+)
 from peftjax.train.checkpoint import Checkpointer
-from peftjax.train.sharding import global_batch, make_mesh, shard_state
+from peftjax.train.session import MAIN, Run, RunInfo, Stream
+from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
+from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
 
-HEADS = {
-    "classification": "sequence-classification",
-    "causal_lm": "causal-lm",
-    "image_classification": "image-classification",
-}
 RESULT_FILE = "result.json"
 
 
@@ -147,80 +154,6 @@ def build_optimizer(config: ExperimentConfig, total_steps: int) -> optax.Gradien
     return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), tx) if o.max_grad_norm else tx
 
 
-def model_inputs(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The keyword arguments the model takes, from a loader batch."""
-    if "pixel_values" in batch:  # loaders give NHWC images; the ViT takes NCHW as transformers does
-        return {"pixel_values_bchw": jnp.transpose(batch["pixel_values"], (0, 3, 1, 2))}
-    accepted = inspect.signature(type(model).__call__).parameters
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch and k in accepted}
-
-
-def call_model(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-    inputs = model_inputs(model, batch)
-    if "pixel_values_bchw" in inputs:
-        return model(inputs["pixel_values_bchw"]).logits
-    return model(**inputs).logits
-
-
-def loss_and_stats(task: str) -> Callable:
-    """``f(model, batch) -> (mean loss, {"correct", "count", "loss_sum"})`` for the task.
-
-    Examples carry a weight (0 for rows that only pad the last eval batch);
-    sums are weighted so every example counts once.
-    """
-
-    def classification(model, batch):
-        logits = call_model(model, batch).astype(jnp.float32)
-        weights = batch.get("weights", jnp.ones(logits.shape[0], jnp.float32))
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        total = weights.sum()
-        stats = {"loss_sum": (losses * weights).sum(), "correct": (correct * weights).sum(), "count": total}
-        return (losses * weights).sum() / jnp.maximum(total, 1.0), stats
-
-    def causal_lm(model, batch):
-        logits = call_model(model, batch)[:, :-1].astype(jnp.float32)
-        labels = batch["labels"][:, 1:]
-        weights = (labels != data_lib.IGNORE_INDEX).astype(jnp.float32)
-        if "weights" in batch:
-            weights = weights * batch["weights"][:, None]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        total = weights.sum()
-        stats = {"loss_sum": (losses * weights).sum(), "correct": (correct * weights).sum(), "count": total}
-        return (losses * weights).sum() / jnp.maximum(total, 1.0), stats
-
-    return causal_lm if task == "causal_lm" else classification
-
-
-def evaluate(model: nnx.Module, loader: data_lib.BatchLoader, loss_fn: Callable, mesh) -> dict[str, float]:
-    """Accuracy and mean loss of ``model`` in eval mode over one pass of ``loader``
-    (each example counted once)."""
-    model.eval()
-    graphdef, params = nnx.split(model)
-    evaluate_batch = _evaluator(loss_fn)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in loader:
-        stats = evaluate_batch(graphdef, params, global_batch(batch, mesh))
-        for key in totals:
-            totals[key] += float(stats[key])
-    return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
-
-
-_EVALUATORS: dict[Callable, Callable] = {}
-
-
-def _evaluator(loss_fn: Callable) -> Callable:
-    """One jitted evaluation per loss function (compiled once per model graph)."""
-    if loss_fn not in _EVALUATORS:
-
-        def evaluate_batch(graphdef, params, batch):
-            return loss_fn(nnx.merge(graphdef, params), batch)[1]
-
-        _EVALUATORS[loss_fn] = jax.jit(evaluate_batch, static_argnums=0)
-    return _EVALUATORS[loss_fn]
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -257,26 +190,88 @@ class Prepared:
     task: data_lib.TaskData
     train_loader: data_lib.BatchLoader
     total_steps: int
-    optimizer: optax.GradientTransformation
-    loss_fn: Callable
+    optimizer: PeftOptimizer  # the first stage's
+    loss_fn: Callable  # the task's loss on one batch: evaluation, rank search
+    info: RunInfo
+    tx: optax.GradientTransformation  # before labels: every stage's optimizer partitions it
+    strategies: tuple[Strategy, ...]
+    stage_starts: tuple[tuple[int, ...], ...]
+    streams: dict[str, data_lib.TaskData]  # the strategies' extra streams
+
+    def stages(self, step: int) -> tuple[int, ...]:
+        """Each strategy's stage during optimizer step ``step`` (counted from 1): a state
+        saved after ``step`` steps holds this stage's labels; ``stages(0)`` is the first."""
+        return stages_at(self.stage_starts, max(step - 1, 0))
+
+    def optimizer_at(self, step: int) -> PeftOptimizer:
+        """The optimizer of the stage that optimizer step ``step`` trains in."""
+        return stage_optimizer(self.model, self.tx, self.strategies, self.stages(step), self.info)
+
+
+def _check_token_ids(config: ExperimentConfig, model: nnx.Module, tokenizer, task: data_lib.TaskData) -> None:
+    if tokenizer is not None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
+        vocab = model.get_input_embeddings().num_embeddings
+        data_lib.check_tokenizer_matches(tokenizer, vocab, config.model.name, task)
+    elif task.task != "image_classification":
+        data_lib.check_tokenizer_matches(data_lib.synthetic_tokenizer(), model.get_input_embeddings().num_embeddings,
+                                         config.model.name, task)
+
+
+def load_streams(
+    config: ExperimentConfig, strategies: tuple[Strategy, ...], tokenizer, model: nnx.Module
+) -> dict[str, data_lib.TaskData]:
+    """The strategies' extra streams, each read and tokenised like the main data;
+    two strategies may share a stream by giving the same name and data."""
+    wanted: dict[str, Any] = {}
+    for index, strategy in enumerate(strategies):
+        for name, data in strategy.streams().items():
+            if name == MAIN or wanted.get(name, data) != data:
+                raise RunError(f"strategies.{index} ({strategy.strategy}): stream name {name!r} is taken by "
+                               f"{'the task' if name == MAIN else 'another strategy with other data'}; rename it")
+            wanted[name] = data
+    streams = {}
+    for name, data in sorted(wanted.items()):
+        try:
+            data_lib.check_data_files(data)
+            streams[name] = data_lib.load_data(data, tokenizer)
+        except PeftError as err:
+            raise RunError(f"stream {name!r}: {err}") from None
+        _check_token_ids(config, model, tokenizer, streams[name])
+    return streams
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
     task, tokenizer = load_task(config)
     model = build_model(config, task.num_labels)
-    if tokenizer is not None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
-        vocab = model.get_input_embeddings().num_embeddings
-        data_lib.check_tokenizer_matches(tokenizer, vocab, config.model.name, task)
-    elif config.data.task != "image_classification":
-        data_lib.check_tokenizer_matches(data_lib.synthetic_tokenizer(), model.get_input_embeddings().num_embeddings,
-                                         config.model.name, task)
+    _check_token_ids(config, model, tokenizer, task)
     apply_methods(model, config)
+    strategies = build_strategies(config.strategy_dicts())
+    attach_modules(model, strategies, seed=config.train.seed)
     model.train()
     loop = config.train
-    loader = task.train_loader(loop.batch_size * loop.grad_accum, seed=loop.seed)
+    batch_size = loop.batch_size * loop.grad_accum
+    loader = task.train_loader(batch_size, seed=loop.seed)
     total = loop.steps if loop.steps is not None else max(1, math.ceil(loop.epochs * loader.steps_per_epoch))
-    optimizer = make_optimizer(model, build_optimizer(config, total))
-    return Prepared(model, task, loader, total, optimizer, loss_and_stats(config.data.task))
+    info = RunInfo(config=config, total_steps=total, steps_per_epoch=loader.steps_per_epoch, batch_size=batch_size)
+    tx = build_optimizer(config, total)
+    starts = stage_starts(strategies, info)
+    streams = load_streams(config, strategies, tokenizer, model)
+    optimizer = stage_optimizer(model, tx, strategies, stages_at(starts, 0), info)  # step 1's
+    return Prepared(model, task, loader, total, optimizer, loss_and_stats(config.data.task), info, tx, strategies,
+                    starts, streams)
+
+
+def _streams(prep: Prepared, positions: dict[str, dict]) -> dict[str, Stream]:
+    """The main stream (shuffled with ``train.seed``, as ``task.train_loader``) and the
+    strategies' (the i-th by name with ``train.seed + i``), from ``positions`` when saved."""
+    seed = prep.info.config.train.seed
+    tasks = {MAIN: prep.task, **prep.streams}
+    return {
+        name: Stream(name, task["train"], batch_size=prep.info.batch_size, seed=seed + index,
+                     group_by_length=task.group_by_length,
+                     position=data_lib.LoaderState.from_dict(positions[name]) if name in positions else None)
+        for index, (name, task) in enumerate(tasks.items())
+    }
 
 
 def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True, fsdp: int = 1) -> dict[str, Any]:
@@ -287,28 +282,26 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     out = check_output_dir(config, resume=resume)
     started = time.perf_counter()
     prep = prepare(config)
-    if progress:  # the counts at start-up, as a reader checks them before trusting a run
-        tqdm.write(summary(prep.model, prep.optimizer.labels))
     loop = config.train
     mesh = make_mesh(fsdp=fsdp)
-    state = TrainState.create(prep.model, prep.optimizer)
     checkpointer = Checkpointer(out / "checkpoints", keep=loop.keep)
-    position = data_lib.LoaderState()
-    best = {"metric": None, "step": None}
-    if resume:
-        state, meta = checkpointer.restore(state)
-        position = data_lib.LoaderState.from_dict(meta["loader"])
-        best = meta["best"]
-    state = shard_state(state, mesh)
-    step_fn = make_train_step(lambda m, b: prep.loss_fn(m, b), grad_accum=loop.grad_accum)
+    meta: dict[str, Any] = {}
+    if resume:  # the saved state has the labels of the stage its last step trained in
+        saved_stage = prep.optimizer_at(checkpointer.latest_step() or 0)
+        state, meta = checkpointer.restore(TrainState.create(prep.model, saved_stage))
+    else:
+        state = TrainState.create(prep.model, prep.optimizer)
+    if progress:  # the counts at start-up, as a reader checks them before trusting a run
+        tqdm.write(summary(prep.model, state.tx.labels))
+    best = meta.get("best", {"metric": None, "step": None})
+    positions = {**meta.get("streams", {}), **({MAIN: meta["loader"]} if "loader" in meta else {})}
+    step_fn = make_train_step(step_loss(config.data.task, prep.strategies), grad_accum=loop.grad_accum)
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 
     (out / "config.yaml").write_text(config.to_yaml())
     log = (out / "metrics.jsonl").open("a")
     writer = SummaryWriter(str(out / "tensorboard"))
-    batches = prep.train_loader.iterate(position)
-    start_step = int(state.step)
     pending: list[tuple[int, jax.Array]] = []  # losses not yet checked on the host
     last_good = checkpointer.latest_step()
 
@@ -333,59 +326,87 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
             if key != "step" and isinstance(value, (int, float)):
                 writer.add_scalar(key, value, record["step"])
 
+    def evaluate_split(model: nnx.Module, split: str) -> dict[str, float]:
+        return evaluate(model, prep.task.eval_loader(loop.eval_batch_size, split), prep.loss_fn, mesh)
+
+    session = Run(state=state.on_mesh(mesh), info=prep.info, streams=_streams(prep, positions),
+                  memory={s.strategy: {} for s in prep.strategies} | meta.get("strategies", {}),
+                  step=int(state.step), _evaluate=evaluate_split, _log=log_line)
+    start_step = session.step
+    stages = prep.stages(start_step)
+    for strategy in prep.strategies:
+        strategy.on_start(session)
     bar = tqdm(total=prep.total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")
     tokens_since, clock = 0, time.perf_counter()
     try:
         for step in range(start_step + 1, prep.total_steps + 1):
-            batch = next(batches)
+            if prep.stages(step) != stages:  # a new label set: the step compiles once for it, now
+                stages = prep.stages(step)
+                session.state = session.state.relabel(prep.optimizer_at(step))
+            epoch = session.epoch
+            batches = {name: stream.next_batch() for name, stream in session.streams.items()}
+            batch = batches[MAIN]
             tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
-            state, metrics = step_fn(state, global_batch(batch, mesh))
+            placed = {name: global_batch(b, mesh) for name, b in batches.items()}
+            session.state, metrics = step_fn(session.state, placed)
+            session.step = step
             pending.append((step, metrics["loss"]))
             bar.update(1)
-            if (loop.log_every and step % loop.log_every == 0) or step == prep.total_steps:
+            for strategy in prep.strategies:
+                strategy.on_step(session, metrics)
+            if session.epoch != epoch:
+                for strategy in prep.strategies:
+                    strategy.on_epoch(session, epoch)
+            last = step == prep.total_steps or session.stop_reason is not None
+            if (loop.log_every and step % loop.log_every == 0) or last:
                 check_finite()
                 now = time.perf_counter()
                 speed = tokens_since / max(now - clock, 1e-9)
                 tokens_since, clock = 0, now
                 record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                          "tokens_per_s": speed, "epoch": batches.state.epoch}
+                          "tokens_per_s": speed, "epoch": session.epoch}
+                for name, values in metrics.get("terms", {}).items():
+                    record.update({f"{name}_{key}": float(value) for key, value in values.items()})
                 log_line(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{speed:,.0f}")
-            evaluate_now = eval_loader is not None and (
-                (loop.eval_every and step % loop.eval_every == 0) or step == prep.total_steps
-            )
-            if evaluate_now:
+            if eval_loader is not None and ((loop.eval_every and step % loop.eval_every == 0) or last):
                 check_finite()
-                scores = evaluate(state.model(), eval_loader, prep.loss_fn, mesh)
+                scores = evaluate(session.model(), eval_loader, prep.loss_fn, mesh)
                 log_line({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
                 value = scores[metric_name]
                 if best["metric"] is None or (value > best["metric"] if higher_is_better else value < best["metric"]):
                     best = {"metric": value, "step": step}
-                    save_adapter(state.model(), out / "best")
-            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or step == prep.total_steps:
+                    save_adapter(session.model(), out / "best")
+                for strategy in prep.strategies:
+                    strategy.on_eval(session, scores)
+                last = last or session.stop_reason is not None
+            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or last:
                 check_finite()
-                checkpointer.save(state, batches.state.to_dict(), {"best": best})
+                positions = {name: stream.position.to_dict() for name, stream in session.streams.items()}
+                extra = {"best": best, "streams": positions, "strategies": session.memory}
+                checkpointer.save(session.state, positions.pop(MAIN), extra)
                 last_good = step
+            if session.stop_reason is not None:
+                break
     finally:
         bar.close()
         log.close()
         writer.close()
         checkpointer.close()
 
+    state = session.state
     model = state.model()
     save_adapter(model, out / "adapter")
     final = {}
     for split in ("eval", "test"):
         if split in prep.task.splits:
-            scores = evaluate(model, prep.task.eval_loader(loop.eval_batch_size, split), prep.loss_fn, mesh)
-            final.update({f"{split}_{k}": v for k, v in scores.items()})
+            final.update({f"{split}_{k}": v for k, v in evaluate_split(model, split).items()})
     if best["step"] is not None and best["step"] != int(state.step) and "test" in prep.task.splits:
         best_model = load_adapter(build_model(config, prep.task.num_labels), out / "best")
-        scores = evaluate(best_model, prep.task.eval_loader(loop.eval_batch_size, "test"), prep.loss_fn, mesh)
-        final.update({f"best_test_{k}": v for k, v in scores.items()})
+        final.update({f"best_test_{k}": v for k, v in evaluate_split(best_model, "test").items()})
     if best["metric"] is not None:
         final[f"best_eval_{metric_name}"] = best["metric"]
-    counts = count_params(model, prep.optimizer.labels)
+    counts = count_params(model, state.tx.labels)
     result = {
         "config": config.to_dict(),
         "params": {"trainable": counts.trainable, "total": counts.total},
@@ -395,7 +416,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_bytes": peak_memory_bytes(),
         "versions": versions(),
+        **({"stopped": session.stop_reason} if session.stop_reason is not None else {}),
     }
     _write_json_atomically(out / RESULT_FILE, result)
     return result
-

@@ -9,6 +9,7 @@ the axis whose size equals the size of the axis the base kernel is sharded on
 the adapter's matmul lines up with the base's. Everything else is replicated.
 jit then partitions the step (GSPMD): gradients of replicated parameters are
 all-reduced over ``data``, FSDP parameters are gathered where used.
+``TrainState.on_mesh`` lays a train state out with these specs.
 
 Multi-host: call ``jax.distributed.initialize()`` first (``peftjax train
 --distributed``); the mesh spans every process's devices and each process
@@ -24,7 +25,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from peftjax.core.inject import iter_wrappers
 from peftjax.core.paths import dotted
-from peftjax.train.state import TrainState
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -71,34 +71,14 @@ def parameter_specs(model: nnx.Module, mesh: Mesh) -> dict[str, PartitionSpec]:
     return specs
 
 
-def _place(tree, specs: dict[str, PartitionSpec], mesh: Mesh):
+def place(tree, specs: dict[str, PartitionSpec], mesh: Mesh):
+    """Every leaf of a state tree on ``mesh`` with its path's spec (replicated when it has none)."""
+
     def put(path, leaf):
         spec = specs.get(dotted(path[:-1]) if path and getattr(path[-1], "name", None) == "value" else dotted(path))
         return jax.device_put(leaf, NamedSharding(mesh, spec or PartitionSpec()))
 
     return jax.tree_util.tree_map_with_path(put, tree)
-
-
-def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
-    """The state laid out on ``mesh``; the optimizer state is re-initialised
-    from the placed parameters so that its buffers sit where they do."""
-    specs = parameter_specs(state.model(), mesh)
-    trainable = _place(state.trainable, specs, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def on_mesh(fresh, old):
-        # Moments inherit their parameter's layout; counters XLA left on one device are replicated.
-        placed = isinstance(fresh.sharding, NamedSharding) and fresh.sharding.mesh == mesh
-        return jax.device_put(old, fresh.sharding if placed else replicated)
-
-    restored = jax.tree.map(on_mesh, jax.jit(state.tx.init)(trainable), state.opt_state)
-    return state.replace(
-        trainable=trainable,
-        frozen=_place(state.frozen, specs, mesh),
-        rest=_place(state.rest, {}, mesh),
-        opt_state=restored,
-        step=jax.device_put(state.step, replicated),
-    )
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

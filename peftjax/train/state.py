@@ -3,12 +3,15 @@
 ``TrainState.create`` splits the model once into
 
 * ``trainable``: the parameters the optimizer labels trainable,
-* ``frozen``: every other parameter, never changed by a step,
-* ``rest``: non-parameter state (RNG counters, batch statistics), which a
-  forward pass may advance,
+* ``frozen``: every other parameter, and the running statistics of frozen
+  batch norms, never changed by a step,
+* ``rest``: other non-parameter state (RNG counters, the running statistics
+  of batch norms that train), which a forward pass may advance,
 
-plus the optimizer state over ``trainable`` alone. The step rebuilds the
-module inside ``jax.jit`` (traced once, no graph traversal per step) and takes
+plus the optimizer state over ``trainable`` alone. Frozen batch norms (all
+parameters labelled frozen, see ``peftjax.core.batch_stats``) normalise with
+their running statistics in the step's graph even in training mode. The step
+rebuilds the module inside ``jax.jit`` (traced once, no graph traversal per step) and takes
 ``jax.value_and_grad`` with respect to ``trainable``: frozen kernels get no
 weight gradients, so they cost no gradient FLOPs and no optimizer state. The
 step donates the buffers it replaces (trainable, optimizer state, rest) and
@@ -25,18 +28,22 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from peftjax.core.batch_stats import is_fixed_statistic, training_view
 from peftjax.core.labels import PeftOptimizer, make_optimizer
 from peftjax.core.paths import dotted
+from peftjax.train.sharding import parameter_specs, place
 
 LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, dict]]
 
 
 class _Static:
-    """Graph definition and optimizer, hashed by identity: a jit cache lookup
-    per step costs a pointer comparison, not a walk of the graph definition."""
+    """Graph definition, optimizer and the filter of the state a step returns
+    (``rest``), hashed by identity: a jit cache lookup per step costs a pointer
+    comparison, not a walk of the graph definition."""
 
-    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, rest_filter: Any = None):
         self.graphdef, self.tx = graphdef, tx
+        self.rest_filter = nnx.Not(nnx.Param) if rest_filter is None else rest_filter
 
 
 @struct.dataclass
@@ -56,6 +63,8 @@ class TrainState:
         its labels; a plain optax transformation is wrapped with the default
         labels of ``model``. The trainable arrays are copied so that donating
         them to the step never invalidates ``model``; frozen arrays are shared.
+        ``model`` is left as it was (frozen batch norms are switched to their
+        running statistics in a view of it).
         """
         if not isinstance(optimizer, PeftOptimizer):
             optimizer = make_optimizer(model, optimizer)
@@ -64,7 +73,9 @@ class TrainState:
         def is_trainable(path, value) -> bool:
             return isinstance(value, nnx.Param) and dotted(path) in trainable_paths
 
-        graphdef, trainable, frozen, rest = nnx.split(model, is_trainable, nnx.Param, ...)
+        fixed = nnx.Any(nnx.Param, is_fixed_statistic(optimizer.fixed_batch_norms))
+        view = training_view(model, optimizer.fixed_batch_norms)
+        graphdef, trainable, frozen, rest = nnx.split(view, is_trainable, fixed, ...)
         trainable = jax.tree.map(jnp.copy, trainable)
         rest = jax.tree.map(jnp.copy, rest)
         return cls(
@@ -73,7 +84,7 @@ class TrainState:
             opt_state=optimizer.init(trainable),
             rest=rest,
             frozen=frozen,
-            static=_Static(graphdef, optimizer),
+            static=_Static(graphdef, optimizer, nnx.Not(fixed)),
         )
 
     @property
@@ -87,6 +98,53 @@ class TrainState:
     def model(self) -> nnx.Module:
         """The module with this state's parameters."""
         return nnx.merge(self.graphdef, self.trainable, self.frozen, self.rest)
+
+    def relabel(self, optimizer: optax.GradientTransformation) -> TrainState:
+        """This state split again where ``optimizer`` draws the line: the next
+        stage of a label schedule (gradual unfreezing, say).
+
+        Parameters keep their values. Optimizer state is carried leaf by leaf
+        where the new state has a leaf of the same path, shape and dtype: the
+        moments of a parameter that trains under the same label before and
+        after, the counters of such a label, the state of wrappers around the
+        partition. A parameter that starts training gets fresh state, created
+        here and not before; one that stops training loses its state and from
+        now on stays as it is. Placed on the same mesh as this state.
+        """
+        fresh = TrainState.create(self.model(), optimizer)
+        flat, _ = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        old = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+        def carried(path, leaf):
+            found = old.get(jax.tree_util.keystr(path))
+            same = found is not None and found.shape == leaf.shape and found.dtype == leaf.dtype
+            return found if same else leaf
+
+        relabelled = fresh.replace(step=self.step, opt_state=jax.tree_util.tree_map_with_path(carried, fresh.opt_state))
+        sharding = getattr(self.step, "sharding", None)
+        return relabelled.on_mesh(sharding.mesh) if isinstance(sharding, jax.sharding.NamedSharding) else relabelled
+
+    def on_mesh(self, mesh: jax.sharding.Mesh) -> TrainState:
+        """This state laid out on ``mesh`` (see ``peftjax.train.sharding``); the
+        optimizer state is re-initialised from the placed parameters so that its
+        buffers sit where they do, then filled with this state's values."""
+        specs = parameter_specs(self.model(), mesh)
+        trainable = place(self.trainable, specs, mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def on_mesh(fresh, old):
+            # Moments inherit their parameter's layout; counters XLA left on one device are replicated.
+            placed = isinstance(fresh.sharding, jax.sharding.NamedSharding) and fresh.sharding.mesh == mesh
+            return jax.device_put(old, fresh.sharding if placed else replicated)
+
+        restored = jax.tree.map(on_mesh, jax.jit(self.tx.init)(trainable), self.opt_state)
+        return self.replace(
+            trainable=trainable,
+            frozen=place(self.frozen, specs, mesh),
+            rest=place(self.rest, {}, mesh),
+            opt_state=restored,
+            step=jax.device_put(self.step, replicated),
+        )
 
 
 class TrainStep:
@@ -120,7 +178,7 @@ class TrainStep:
             model = nnx.merge(static.graphdef, trainable, frozen, jax.tree.map(lambda x: x, rest))
             out = self.loss_fn(model, batch)
             loss, aux = out if isinstance(out, tuple) else (out, {})
-            return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+            return loss, (aux, nnx.state(model, static.rest_filter))
 
         (loss, (aux, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable, rest)
         return loss, aux, rest, grads
@@ -152,7 +210,8 @@ class TrainStep:
     def _update(self, static: _Static, carry, frozen: nnx.State, batch):
         step, trainable, opt_state, rest = carry
         loss, aux, rest, grads = self._accumulated(static, trainable, frozen, rest, batch)
-        updates, opt_state = static.tx.update(grads, opt_state, trainable)
+        # value=: for transformations that watch the loss (optax.contrib.reduce_on_plateau).
+        updates, opt_state = static.tx.update(grads, opt_state, trainable, value=loss)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return (step + 1, trainable, opt_state, rest), metrics
@@ -184,9 +243,7 @@ def _on_batch_mesh(state: TrainState, batch) -> TrainState:
     batch_meshes = {mesh_of(leaf) for leaf in jax.tree.leaves(batch)}
     if len(batch_meshes) != 1 or None in batch_meshes or mesh_of(state.step) in batch_meshes:
         return state
-    from peftjax.train.sharding import shard_state  # sharding builds on this module
-
-    return shard_state(state, batch_meshes.pop())
+    return state.on_mesh(batch_meshes.pop())
 
 
 def make_train_step(

@@ -23,7 +23,7 @@ from peftjax.bench.methods import method_config
 from peftjax.models import from_config
 from peftjax.models.bert import BertConfig
 from peftjax.models.llama import LlamaConfig
-from peftjax.train.runner import loss_and_stats
+from peftjax.train.tasks import loss_and_stats
 
 saved_residuals = pytest.importorskip("jax._src.ad_checkpoint").saved_residuals
 

@@ -20,8 +20,8 @@ from peftjax.bench import analytic
 from peftjax.bench.methods import method_config
 from peftjax.bench.suite import BenchSpec, ModelBuilder, build_state, forward_flops, merged_copy, step_flops
 from peftjax.core.inject import apply
-from peftjax.train.runner import loss_and_stats
 from peftjax.train.state import make_train_step
+from peftjax.train.tasks import loss_and_stats
 
 B, T = 8, 128
 L, D, K = 12, 768, 768  # bert-base: layers, query/value fan-in and fan-out

@@ -26,10 +26,10 @@ from flax import nnx
 
 import peftjax
 from peftjax.config import DataConfig, ModelSpec
+from peftjax.data import load_data, load_tokenizer, require_shared_data
 from peftjax.models import from_pretrained
-from peftjax.train.data import load_data, load_tokenizer, require_shared_data
-from peftjax.train.runner import evaluate, loss_and_stats
 from peftjax.train.sharding import global_batch, make_mesh
+from peftjax.train.tasks import evaluate, loss_and_stats
 
 HEAD = (r"classifier\..*",)
 QV = ["query", "value"]

@@ -26,6 +26,10 @@ COUNTED = {
     "roberta-tiny": ("sequence-classification", transformers.RobertaForSequenceClassification),
     "llama-tiny": ("sequence-classification", transformers.LlamaForSequenceClassification),
     "vit-tiny": ("image-classification", transformers.ViTForImageClassification),
+    "resnet-18": ("image-classification", transformers.ResNetForImageClassification),
+    "resnet-34": ("image-classification", transformers.ResNetForImageClassification),
+    "resnet-50": ("image-classification", transformers.ResNetForImageClassification),
+    "resnet-tiny": (None, transformers.ResNetModel),
 }
 
 
@@ -37,7 +41,14 @@ def transformers_count(preset: str, model_cls: type) -> int:
     return sum(p.numel() for p in reference.parameters())
 
 
-PUBLISHED = {"bert-base": 109_482_240, "llama-1b": 1_235_814_400}
+# The ResNets' counts are torchvision's (ImageNet-1k heads), which microsoft/resnet-* equal.
+PUBLISHED = {
+    "bert-base": 109_482_240,
+    "llama-1b": 1_235_814_400,
+    "resnet-18": 11_689_512,
+    "resnet-34": 21_797_672,
+    "resnet-50": 25_557_032,
+}
 
 
 @pytest.mark.parametrize("preset", list(COUNTED))
@@ -69,7 +80,8 @@ def test_llama_1b_is_llama_3_2_1b():
 
 def test_presets_listing_and_unknown_names():
     assert {"bert-base", "bert-large", "roberta-base", "llama-1b", "llama-8b", "vit-base",
-            "bert-tiny", "roberta-tiny", "llama-tiny", "vit-tiny"} <= set(models.presets())
+            "bert-tiny", "roberta-tiny", "llama-tiny", "vit-tiny", "resnet-18", "resnet-34", "resnet-50",
+            "resnet-tiny"} <= set(models.presets())
     with pytest.raises(models.ModelLoadError, match="Unknown preset 'gpt-2'.*bert-base"):
         models.from_config("gpt-2")
     with pytest.raises(models.ModelLoadError, match="not available for model_type 'vit'"):
@@ -84,6 +96,8 @@ def test_presets_listing_and_unknown_names():
         ("llama-tiny", {}, models.LlamaForCausalLM),
         ("llama-tiny", {"num_labels": 2}, models.LlamaForSequenceClassification),
         ("vit-tiny", {"num_labels": 10}, models.ViTForImageClassification),
+        ("resnet-tiny", {}, models.ResNetModel),
+        ("resnet-18", {"num_labels": 10}, models.ResNetForImageClassification),
         (models.PRESETS["roberta-tiny"], {"task": "token-classification"},
          models.BertForTokenClassification),
     ],
@@ -108,8 +122,12 @@ def test_config_round_trips_through_hf_dict(preset):
     hash(config)  # models keep configs as static graph data
     # transformers reads the same architecture from the dict.
     hf_config = transformers.AutoConfig.for_model(**hf_dict)
-    assert hf_config.hidden_size == config.hidden_size
-    assert hf_config.num_attention_heads == config.num_attention_heads
+    shape_fields = ("hidden_size", "num_attention_heads", "hidden_sizes", "depths", "layer_type", "embedding_size")
+    checked = [name for name in shape_fields if hasattr(config, name)]
+    assert len(checked) >= 2
+    for name in checked:
+        ours = getattr(config, name)
+        assert getattr(hf_config, name) == (list(ours) if isinstance(ours, tuple) else ours), name
 
 
 def test_qwen2_and_mistral_configs_keep_their_family_fields():
@@ -157,6 +175,9 @@ def test_transformers_4_rope_scaling_is_read():
         (lambda: models.RopeParameters(rope_type="llama3", factor=8.0), "low_freq_factor"),
         (lambda: models.ViTConfig(image_size=30, patch_size=8), "image_size"),
         (lambda: models.ViTConfig(num_channels=0), "num_channels"),
+        (lambda: models.ResNetConfig(hidden_sizes=(8, 16), depths=(1,)), "depths"),
+        (lambda: models.ResNetConfig(depths=(1, 0, 1, 1)), "depths"),
+        (lambda: models.ResNetConfig(layer_type="bottleneck", hidden_sizes=(2, 8), depths=(1, 1)), "hidden_sizes"),
     ],
 )
 def test_invalid_configs_name_the_field(build, field):

@@ -48,3 +48,18 @@ def checkpoint_factory(tmp_path_factory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+def perturb_batch_norms(reference: torch.nn.Module, seed: int) -> None:
+    """Random affine parameters and running statistics in every ``BatchNorm2d``, so
+    that a test cannot pass with transformers' initial identity batch norms."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(1 + 0.3 * torch.randn(n, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(n, generator=generator))
+                module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                module.num_batches_tracked.fill_(7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peftjax.rank_search import SweepConfig
-from peftjax.rank_search.sweep import pareto, select_learning_rates, summarize
+from peftjax.rank_search.summary import pareto, select_learning_rates, summarize
 
 
 def row(target_set, rank, seed, lr, test, select, params):

@@ -57,6 +57,11 @@ def test_empty_rank_list(tmp_path):
         load_rank_search(write(tmp_path), ["sweep.ranks=[0, 4]"])
 
 
+def test_training_strategies_are_refused(tmp_path):
+    with pytest.raises(SweepError, match=r"strategies: rank search trains LoRA at many ranks on its own"):
+        load_rank_search(write(tmp_path, strategies=[{"type": "layer_freeze", "layers": 1}]))
+
+
 def test_rank_above_a_kernels_min_d_k_names_the_module_and_its_shape(tmp_path):
     # bert-tiny: hidden 32, so query/value kernels are (32, 32); 64 cannot be a rank of their update.
     config, sweep = load_rank_search(write(tmp_path, sweep={"ranks": [4, 64]}))

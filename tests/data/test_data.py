@@ -8,16 +8,16 @@ import collections
 import json
 import os
 
-# Tests never download: set before datasets is imported (data.py imports it lazily).
+# Tests never download: set before datasets is imported (peftjax.data imports it lazily).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
 
+from peftjax import data as data_lib
 from peftjax.config import ConfigError, DataConfig
-from peftjax.train import data as data_lib
-from peftjax.train.data import (
+from peftjax.data import (
     IGNORE_INDEX,
     BatchLoader,
     DataError,
@@ -26,6 +26,7 @@ from peftjax.train.data import (
     TextExamples,
     WordTokenizer,
 )
+from peftjax.data import synthetic as synthetic_words
 
 SENTENCES = [
     ("a good film", 1),
@@ -431,7 +432,7 @@ def test_the_synthetic_task_is_fixed_balanced_and_learnable_in_principle():
         words = text.split()
         score = 0
         for i, word in enumerate(words):
-            sign = 1 if word in data_lib._POSITIVE else -1 if word in data_lib._NEGATIVE else 0
+            sign = 1 if word in synthetic_words._POSITIVE else -1 if word in synthetic_words._NEGATIVE else 0
             score += -sign if i and words[i - 1] == "not" else sign
         assert (score > 0) == bool(label)
 
