@@ -5,7 +5,7 @@ the Python stack of every op (``FileNames``, ``FunctionNames``, ``FileLocations`
 ``StackFrames``). With them each instruction can be traced to the model code that
 made it (``BertSelfAttention.__call__`` -> ``dot_product_attention``), and, through
 ``op_name``, to the forward pass (``jvp(...)``), the backward pass
-(``transpose(jvp(...))``) or the optimizer update (neither).
+(``transpose(jvp(...))``) or neither (the optimizer update; work on frozen values alone).
 
 Used by ``step_hlo.py`` (counts per layer) and ``profile_step.py`` (time per op group).
 """
@@ -111,10 +111,12 @@ class Instruction:
 
     @property
     def phase(self) -> str:
-        """forward, backward (a transposed jvp) or update (the optimizer and the step counter)."""
+        """forward (a jvp), backward (a transposed jvp) or outside (no derivative: the
+        optimizer update, and forward work on frozen values alone, such as casts of frozen
+        kernels or gathers from a frozen embedding)."""
         if "transpose(jvp" in self.op_name:
             return "backward"
-        return "forward" if "jvp(" in self.op_name else "update"
+        return "forward" if "jvp(" in self.op_name else "outside"
 
     @property
     def kind(self) -> str:
@@ -212,7 +214,7 @@ def where(instruction: Instruction) -> tuple[str, str]:
     if layer is None:
         if any("Embeddings" in f.function for f in ours):
             return "embeddings", ""
-        if any("/optax/" in f.file for f in stack):
+        if any("/optax/" in f.file and "/optax/losses/" not in f.file for f in stack):
             return "optimizer", ""
         return "head and loss", ""
     line = linecache.getline(layer.file, layer.line).strip()

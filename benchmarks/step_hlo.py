@@ -5,9 +5,10 @@ LoRA(query, value, r=8) and full fine-tuning), compiles it with the process's XL
 options (``XLA_FLAGS`` is recorded) and reads the optimized HLO (``hlo_tools.py``).
 Each instruction is traced through its Python stack to the model code that made it,
 so the layers' share can be divided by the layer count. Counted, per layer and per
-phase (forward, backward, optimizer update):
+phase (forward, backward, outside the derivative):
 
-* instructions by kind: matmul (a fusion with a dot, mostly YNNPACK's), layout (a copy
+* instructions by kind (phase ``outside`` is the optimizer update and work on frozen
+  values alone, which has no derivative): matmul (a fusion with a dot, mostly YNNPACK's), layout (a copy
   or transpose, alone or fused into an elementwise loop), reduce, elementwise;
 * the bytes each reads and writes (operands + output): elementwise and layout work on
   a CPU is bound by them;
@@ -49,7 +50,7 @@ import peftjax  # noqa: E402
 from peftjax.models import common  # noqa: E402
 from peftjax.train.runner import loss_and_stats  # noqa: E402
 
-PHASES = ("forward", "backward", "update")
+PHASES = ("forward", "backward", "outside")
 KINDS = ("matmul", "layout", "reduce", "elementwise")
 
 
