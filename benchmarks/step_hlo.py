@@ -1,6 +1,6 @@
 """What XLA compiles a MiniLM training step into, per layer: the evidence that needs no clock.
 
-Builds the step of ``compare_hf_peft.py`` (MiniLM-L6, batch 32 x 64, fp32, dropout off,
+Builds the peftjax step of ``compare_hf_peft.py`` (MiniLM-L6, batch 32 x 64, fp32, dropout off,
 LoRA(query, value, r=8) and full fine-tuning), compiles it with the process's XLA
 options (``XLA_FLAGS`` is recorded) and reads the optimized HLO (``hlo_tools.py``).
 Each instruction is traced through its Python stack to the model code that made it,
@@ -37,8 +37,9 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import compare_hf_peft as compare  # noqa: E402
 import cpu_kernels  # noqa: E402
+from comparison import LEARNING_RATE, WEIGHT_DECAY, Source, make_batch, set_targets  # noqa: E402
+from peftjax_side import peftjax_model  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -122,16 +123,17 @@ def analyse(module: HloModule, layers: int) -> dict:
 def build_step(method: str, attention: str):
     """The compiled MiniLM step of compare_hf_peft.py, with ``attention`` = fused or explicit."""
     args = types.SimpleNamespace(model="minilm", method=method, dtype="fp32", batch=32, seq=64, rank=8, alpha=16.0,
-                                 targets=("query", "value"), dropout=False)
-    source = compare.Source.resolve("minilm")
+                                 targets=None, dropout=False)
+    source = Source.resolve("minilm")
+    set_targets(args, source)
     saved = common.dot_product_attention
     if attention == "explicit":
         common.dot_product_attention = explicit_attention
     try:
-        model = compare.peftjax_model(args, source)
-        tx = peftjax.make_optimizer(model, optax.adamw(compare.LEARNING_RATE, weight_decay=compare.WEIGHT_DECAY))
+        model = peftjax_model(args, source)
+        tx = peftjax.make_optimizer(model, optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
         state = peftjax.TrainState.create(model, tx)
-        batch = {k: jnp.asarray(v, jnp.int32) for k, v in compare.make_batch(args, source).items()}
+        batch = {k: jnp.asarray(v, jnp.int32) for k, v in make_batch(args, source).items()}
         loss = loss_and_stats(source.task.loss)
         compiled = peftjax.make_train_step(lambda m, b: loss(m, b)).lower(state, batch).compile()
     finally:
