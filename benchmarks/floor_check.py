@@ -17,6 +17,7 @@ plan's peak; each is traced through the optimized HLO's stack frames
 * ``optimizer update``, ``other``.
 
     python benchmarks/floor_check.py --json benchmarks/results/floor_check.json
+    python benchmarks/summarize.py floor benchmarks/results/floor_check.json
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ MODELS = {
     "bert-base": (8, 128, "fp32"),
     "llama-tiny": (4, 32, "bf16"),
     "llama-1b": (4, 512, "bf16"),
+    "minilm": (32, 64, "fp32"),  # the HF PEFT comparison's step; not in the default run (--models minilm)
 }
 _PEAK = re.compile(r"Live ranges at \d+ \(peak\):\n(.*?)(?:\n\S|\Z)", re.S)
 _LIVE = re.compile(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes", re.M)
@@ -124,14 +126,17 @@ def check(model: str, method: str, batch: int, seq: int, dtype: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="bert-tiny,bert-base,llama-tiny,llama-1b")
     parser.add_argument("--methods", default="all")
+    parser.add_argument("--batch", type=int, help="instead of the model's batch in MODELS")
+    parser.add_argument("--seq", type=int, help="instead of the model's sequence length in MODELS")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     methods = list(ALL_METHODS) if args.methods == "all" else args.methods.split(",")
     result = {"jax": jax.__version__, "models": {}}
     for model in args.models.split(","):
         batch, seq, dtype = MODELS[model]
+        batch, seq = args.batch or batch, args.seq or seq
         rows = []
         for method in methods:
             row = check(model, method, batch, seq, dtype)
@@ -145,36 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
     below = [(m, r["method"]) for m, v in result["models"].items() for r in v["rows"] if r.get("above_floor") is False]
     print(f"XLA's plan below the floor: {below or 'nowhere'}")
     return result
-
-
-def summary(path: Path, gap_methods: tuple[str, ...] = ("full", "lora-r8", "vera", "ia3")) -> str:
-    """The README's tables: XLA / floor per model, and the gap by term for a few methods."""
-    result = json.loads(path.read_text())
-    lines = ["| model | batch x seq, dtype | methods | XLA plan / floor: min | median | max |", "|---|---|---|---:|---:|---:|"]
-    for model, found in result["models"].items():
-        ratios = sorted(r["plan_over_floor"] for r in found["rows"] if r["status"] == "ok")
-        lines.append(f"| {model} | {found['batch']} x {found['seq']}, {found['dtype']} | {len(ratios)} | "
-                     f"{ratios[0]:.3f} | {ratios[len(ratios) // 2]:.3f} | {ratios[-1]:.3f} |")  # fmt: skip
-    terms = ("arguments", "attention", "norms", "ffn", "adapters", "head", "argument copies", "backward",
-             "optimizer update", "other")  # fmt: skip
-    floor_of = {"arguments": lambda r: r["floor"]["total"] - r["floor"]["activations"]}
-    for key in ("attention", "norms", "ffn", "adapters", "head"):
-        extra = {"attention": "context", "norms": "kernel_inputs"}.get(key)  # the context is attention's output;
-        floor_of[key] = lambda r, key=key, extra=extra: r["floor_activations"][key] + (  # kernel inputs, norm outputs
-            r["floor_activations"][extra] if extra else 0)
-    lines += ["", "| model | method | " + " | ".join(terms) + " | XLA peak | XLA plan |",
-              "|---|---|" + "---:|" * (len(terms) + 2)]  # fmt: skip
-    for model, found in result["models"].items():
-        for row in found["rows"]:
-            if row["status"] != "ok" or row["method"] not in gap_methods:
-                continue
-            cells = []
-            for key in terms:
-                held = row["xla_peak_by_term"].get(key, 0) / 1e6
-                cells.append(f"{held:,.1f} / {floor_of[key](row) / 1e6:,.1f}" if key in floor_of else f"{held:,.1f}")
-            lines.append(f"| {model} | {row['method']} | " + " | ".join(cells)
-                         + f" | {row['xla_peak_by_term']['total'] / 1e6:,.1f} | {row['xla_plan']['total'] / 1e6:,.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Last, which threads exist and which of them burn CPU during three steps (a censu
 not a timing: CPU seconds per thread name).
 
     python benchmarks/step_hlo.py --json benchmarks/results/minilm_step_hlo.json
+    python benchmarks/summarize.py hlo benchmarks/results/minilm_step_hlo.json
 """
 
 from __future__ import annotations
@@ -239,21 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
-    print(summary(result))
     return result
-
-
-def summary(result: dict) -> str:
-    """The tables the README quotes."""
-    lines = ["per layer (instructions / MB read+written), forward | backward:"]
-    for name, row in result["steps"].items():
-        cells = []
-        for kind in KINDS:
-            f, b = row["per_layer"]["forward"][kind], row["per_layer"]["backward"][kind]
-            cells.append(f"{kind} {f['count']:.0f}/{f['bytes'] / 1e6:.0f} | {b['count']:.0f}/{b['bytes'] / 1e6:.0f}")
-        lines.append(f"  {name:15s} " + "; ".join(cells) + f"; XLA GFLOP {row['xla_flops'] / 1e9:.2f}, "
-                     f"bytes accessed GB {row['xla_bytes_accessed'] / 1e9:.2f}")  # fmt: skip
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
