@@ -183,9 +183,10 @@ def _table(text: str, title: str) -> dict[int, str]:
 
 
 def _frames(text: str) -> dict[int, Frame]:
-    """Frame id -> Frame. The text printer writes each frame's parent one above its
-    index (a root frame shows its own id, i.e. parent 0), as jaxlib 0.10 prints it:
-    ``step_hlo.py`` checks that every layer op's chain reaches the model's call."""
+    """Frame id -> Frame. jaxlib 0.10's text printer writes each frame's parent one above
+    its id (a root frame shows its own id, i.e. parent 0); read that way, every chain of
+    the MiniLM step ends at the calling script's ``<module>`` frame, through the model's
+    calls, which a wrong reading would not do."""
     files = {k: v.strip('"') for k, v in _table(text, "FileNames").items()}
     functions = {k: v.strip('"') for k, v in _table(text, "FunctionNames").items()}
     locations = {}

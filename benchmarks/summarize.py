@@ -23,7 +23,7 @@ def bench_table(path: Path) -> str:
     rows = json.loads(path.read_text())
     timed = any(r.get("step_time_s") for r in rows)
     head = ["method", "trainable", "trainable %", "adapter MB", "step TFLOP", "vs full", "fwd +GFLOP (XLA / analytic)",
-            "merged +", "XLA plan GB", "analytic floor GB", "XLA / floor"]
+            "merged +", "XLA plan GB", "memory floor GB", "XLA / floor"]
     if timed:
         head += ["step s (median)", "tokens/s", "load avg (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
