@@ -23,7 +23,6 @@ plan's peak; each is traced through the optimized HLO's stack frames
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys

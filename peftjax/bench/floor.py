@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from peftjax.bench.analytic import LAYER_PATH, ModelDims, input_site, tree_bytes
+from peftjax.bench.analytic import LAYER_PATH, ModelDims, tree_bytes
 from peftjax.core.inject import iter_wrappers
 from peftjax.methods.base import FROZEN
 from peftjax.methods.bottleneck import BottleneckAdapter
