@@ -8,7 +8,7 @@ same jitted train step ``peftjax train`` runs (AdamW, the runner's loss), then r
 * the step's FLOPs from XLA's cost analysis and their ratio to full fine-tuning's;
   forward (inference) FLOPs without the method, with it unmerged, and merged, with
   the overhead set against ``analytic.forward_overhead``;
-* XLA's compiled memory plan beside ``analytic.analytic_floor``, and the device's
+* XLA's compiled memory plan beside ``floor.memory_floor`` (a lower bound), and the device's
   peak bytes where the backend reports them (GPU; None on CPU);
 * unless ``abstract``: the median step time over ``steps`` steps after ``warmup``
   steps (compilation excluded, each step blocked on), tokens (images, for an image
@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 
 from peftjax.bench import analytic
+from peftjax.bench import floor as floor_model
 from peftjax.bench.methods import method_config, method_names
 from peftjax.core.adapter_io import adapter_variables, save_adapter
 from peftjax.core.counting import count_params
@@ -356,11 +357,11 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
     if builder.images:
         activations, floor = None, None
     else:
-        activations = analytic.activation_bytes(
+        activations = floor_model.activation_floor(
             model, labels, batch=spec.batch, seq=spec.seq, compute_dtype=builder.dtype,
-            param_dtype=builder.param_dtype, causal_lm=builder.task == "causal_lm",
+            causal_lm=builder.task == "causal_lm",
         )  # fmt: skip
-        floor = analytic.analytic_floor(state, batch, activations["total"])
+        floor = floor_model.memory_floor(state, batch, activations["total"])
     row.update(
         status="ok",
         trainable_params=counts.trainable,
