@@ -71,8 +71,7 @@ class DoraLinear(LoraLinear):
                 f"(adapter {base.adapter_name!r})"
             )
         super().__init__(base, config, adapter_name=adapter_name, rngs=rngs)
-        param_dtype = self.base_layer.param_dtype
-        self.magnitude = DoraMagnitude(self.adapted_norms().astype(param_dtype))
+        self.magnitude = DoraMagnitude(self.adapted_norms())  # float32, like A and B
         self.merged_norm = DoraMergedNorm(jnp.ones(self.layout.out_shape, jnp.float32))
 
     def adapted_norms(self) -> jax.Array:

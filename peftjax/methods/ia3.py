@@ -97,7 +97,8 @@ class IA3Linear(AdapterWrapper):
         self.layout = KernelLayout.of(self.base_layer)
         self.scales_input = scales_input
         shape = self.layout.in_shape if scales_input else self.layout.out_shape
-        self.ia3_l = IA3Vector(jnp.ones(shape, self.base_layer.param_dtype))
+        # float32 whatever the base's param_dtype: bf16 rounds 1.0 plus a step below 0.002 back to 1.0.
+        self.ia3_l = IA3Vector(jnp.ones(shape, jnp.float32))
 
     @property
     def axes(self) -> str:

@@ -8,7 +8,10 @@ LoRA+ trains B with a learning rate ``loraplus_lr_ratio`` (lambda = eta_B / eta_
 and ``make_optimizer`` scales their updates by the ratio.
 
 A (in -> r) starts random, B (r -> out) starts at zero, so the wrapped model
-computes exactly what the base model did until B moves. This file is the
+computes exactly what the base model did until B moves. A and B are float32
+whatever the base's ``param_dtype``, as HF PEFT's ``autocast_adapter_dtype``
+keeps them (bf16 would round away any update below about 0.4% of a value),
+and the update is computed in the layer's computation dtype. This file is the
 template for a new method: a registered config, a wrapper whose parameters are
 ``AdapterParam`` types, and ``_merge`` / ``_unmerge`` if the method folds into
 the base kernel.
@@ -110,10 +113,9 @@ class LoraLinear(AdapterWrapper):
         super().__init__(base, adapter_name=adapter_name)
         self.layout = KernelLayout.of(self.base_layer)
         self.scale = config.scale
-        param_dtype = self.base_layer.param_dtype
         a = init_down_projection(config, self.layout.down_shape(config.rank), self.layout.fan_in, rngs.params())
-        self.lora_a = LoraA(a.astype(param_dtype))
-        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), param_dtype))
+        self.lora_a = LoraA(a)
+        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), jnp.float32))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
