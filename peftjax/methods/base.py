@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
-from peftjax.core.paths import Targets, validate_targets
+from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.errors import PeftError
 
 # Label of parameters that do not train; make_optimizer maps it to optax.set_to_zero().
@@ -93,17 +93,20 @@ class MethodConfig:
     target_types: ClassVar[tuple[type, ...]] = ()
 
     targets: Targets | None = None
-    exclude: tuple[str, ...] = ()
+    exclude: Targets = ()
     also_train: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
         if self.target_types and self.targets is None:
             raise PeftError(f"{type(self).__name__}.targets is required: module names, a regex, or 'all-linear'")
+        self.check(self.exclude != ALL_LINEAR, "exclude", "must name modules or be a regex, not 'all-linear'")
         try:
             if self.targets is not None:
                 self._set("targets", validate_targets(self.targets, f"{type(self).__name__}.targets"))
-            self._set("exclude", tuple(self.exclude))
+            # A regex stays a string, not a tuple of its letters.
+            exclude = self.exclude if isinstance(self.exclude, str) or self.exclude else ()
+            self._set("exclude", exclude and validate_targets(exclude, f"{type(self).__name__}.exclude"))
             self._set("also_train", tuple(self.also_train))
         except ValueError as err:
             raise PeftError(str(err)) from None
