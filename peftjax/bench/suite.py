@@ -72,7 +72,7 @@ class BenchSpec:
       methods: names from ``peftjax.bench.methods`` (``lora-r8``, ``ia3``, ...).
       batch, seq: examples per step and tokens per example.
       dtype: compute dtype, ``fp32`` or ``bf16`` (as ``train.precision``).
-      param_dtype: storage dtype of every parameter, adapters included.
+      param_dtype: storage dtype of the base's parameters (adapter parameters stay float32).
       abstract: shapes only: FLOPs and the memory plan, no allocation, no timing.
       steps, warmup: timed steps and untimed steps before them.
       task: ``classification`` (2 labels) or ``causal_lm``; None = the family's

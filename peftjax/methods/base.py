@@ -84,7 +84,7 @@ class MethodConfig:
         or ``"all-linear"`` (every linear layer but the output head).
       exclude: modules never to wrap, same rules as ``targets``.
       also_train: parameter path regexes that train along with the adapter
-        (a new classification head, say), as HF PEFT's ``modules_to_save``.
+        (a new classification head, say).
       seed: seeds the adapter's random initialisation.
     """
 

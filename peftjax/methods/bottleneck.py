@@ -11,7 +11,9 @@ post-LN models such as BERT, normalises the sum with the layer's LayerNorm
 ``LN``). Each variant computes what adapter-transformers' ``DoubleSeqBnConfig``
 (Houlsby), ``SeqBnConfig`` (Pfeiffer) and ``ParBnConfig`` (parallel) compute,
 read off its ``Adapter.pre_forward`` / ``forward`` / ``post_forward``
-(``src/adapters/methods/modeling.py``); the point then returns the new o:
+(``src/adapters/methods/modeling.py``; the package is not installed here, so
+the tests check the models against those functions transcribed). The point
+returns the new o:
 
     Houlsby (after attention and after the FFN):  o <- o + s * adapter(o)
     Pfeiffer (after the FFN):                     o <- o + s * adapter(LN(o + x))   (pre-LN models: o + x)

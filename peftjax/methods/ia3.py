@@ -6,7 +6,7 @@ element-wise, and nothing else changes:
     softmax(Q (l_k * K)^T / sqrt(d_k)) (l_v * V),      (l_ff * gamma(W_1 x)) W_2
 
 Each vector belongs to one linear layer, as in HF PEFT (``target_modules``
-and ``feedforward_modules``):
+and ``feedforward_modules``; tests compare outputs and, on MiniLM, gradients):
 
 * a target that is not feed-forward scales its output,
   ``h = l * (W x + b)``, with l of size out_features (l_k, l_v on the key and

@@ -53,10 +53,10 @@ class LoraConfig(MethodConfig):
       alpha: scaling numerator; s = alpha / r (alpha / sqrt(r) with ``rslora``).
       dropout: dropout rate on the adapter's input, in [0, 1).
       rslora: use rank-stabilised scaling.
-      init: how A starts. ``"kaiming"``: uniform on +-1/sqrt(fan_in), the
-        default of HF PEFT and the LoRA reference code (torch's
-        ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: normal with std 1/r.
-        B always starts at zero.
+      init: how A starts, as HF PEFT's ``init_lora_weights`` (a test compares
+        the distributions): ``"kaiming"`` (its default, True): uniform on
+        +-1/sqrt(fan_in), torch's ``kaiming_uniform_(a=sqrt(5))``;
+        ``"gaussian"``: normal with std 1/r. B always starts at zero.
       loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
         16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
         the model takes the ratio, so two stacked LoRA+ adapters must agree.

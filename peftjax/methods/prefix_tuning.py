@@ -20,7 +20,7 @@ passes are shifted by N. The reference models do the same (the wrapper
 reports N as ``num_prefix_positions``; see ``peftjax.points``), which a test
 checks against HF PEFT's own forward on MiniLM and a tiny Llama. ViT keeps
 its patches' positions: they are fixed by the image, and transformers' ViT
-takes no cache, so HF PEFT cannot prefix-tune it.
+takes no KV cache, so HF PEFT has no prefix tuning to compare with.
 
 Reparameterisation (``prefix_projection=True``, Li & Liang section 4.3, HF
 PEFT's ``PrefixEncoder``): training the prefixes directly is unstable, so
@@ -31,7 +31,8 @@ as HF PEFT, which calls it ``token_dim``):
 
 P', W_1 and b_1 are one module shared by every layer's wrapper (an NNX
 shared reference: stored and counted once) and W_2^l, b_2^l are the layer's
-slice of HF PEFT's output layer, so the count matches HF PEFT:
+slice of HF PEFT's output layer, so the count matches HF PEFT's (a test
+compares them on a tiny Llama with grouped-query attention):
 N d + d e + e + L (2 e kv_dim + 2 kv_dim), e = ``encoder_hidden_size``
 (default kv_dim, as HF PEFT). After training, :func:`fold` evaluates the MLP
 once and keeps only the resulting prefixes, which leaves the model's output
@@ -39,8 +40,8 @@ unchanged and the stored adapter at the directly-trained size, L 2 N kv_dim.
 
 Prefixes are standard normal at initialisation (torch's ``nn.Embedding``
 default, as HF PEFT), and MLP kernels and biases uniform on +-1/sqrt(fan_in)
-(torch's ``nn.Linear`` default). The model's output changes from the start;
-there is no merged form.
+(torch's ``nn.Linear`` default); the same test compares these with HF PEFT's.
+The model's output changes from the start; there is no merged form.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class NF4Linear(nnx.Module):
     def __init__(self, layer: nnx.Module, *, block_size: int, double_quant: bool, absmax_block_size: int):
         self.layout = KernelLayout.of(layer)
         self.kernel_shape = tuple(layer.kernel.shape)
-        self.stored_spec = self.layout.out_axes + self.layout.in_axes
+        self.stored_spec = self.storage_order(self.layout)
         self.block_size = block_size
         self.absmax_block_size = absmax_block_size
         self.double_quant = double_quant
@@ -124,6 +124,11 @@ class NF4Linear(nnx.Module):
             self.absmax_mean = NF4Storage(absmax_mean)
         else:
             self.absmax = NF4Storage(absmax)
+
+    @staticmethod
+    def storage_order(layout: KernelLayout) -> str:
+        """The stored kernel's axes: torch's order, output axes first, as bitsandbytes blocks it."""
+        return layout.out_axes + layout.in_axes
 
     @property
     def logical_params(self) -> dict[str, int]:
@@ -144,11 +149,11 @@ class NF4Linear(nnx.Module):
         )
 
     def dequantized_stored(self) -> jax.Array:
-        """The kernel in its stored (torch) order, ``stored_spec``, in float32."""
-        layout = self.layout
+        """The kernel in its stored order, ``stored_spec``, in float32."""
+        sizes = dict(zip(self.layout.kernel_spec, self.kernel_shape, strict=True))
         size = math.prod(self.kernel_shape)
         flat = nf4.dequantize_nf4(self.codes[...], self.block_scales(), size=size, block_size=self.block_size)
-        return flat.reshape(*layout.out_shape, *layout.in_shape)
+        return flat.reshape([sizes[axis] for axis in self.stored_spec])
 
     def dequantized_kernel(self) -> jax.Array:
         """The kernel as the float layer held it (its own axis order), in float32."""

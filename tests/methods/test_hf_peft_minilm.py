@@ -163,7 +163,7 @@ def test_prefix_tuning_matches_hf_peft(minilm_path, batch, given_positions):
 def test_prompt_tuning_classifier_logits_match_hf_peft(minilm_path, batch):
     """Text initialisation gives HF PEFT's prompt, and with the same head the
     logits are HF PEFT's: the pooler reads the first virtual token."""
-    n, text = 7, "Classify the sentiment of this review"
+    n, text = 11, "Classify the sentiment of this review"  # 8 tokens with [CLS], [SEP]: repeated
     torch.manual_seed(0)
     reference = transformers.BertForSequenceClassification.from_pretrained(minilm_path, num_labels=3).eval()
     with torch.no_grad():  # a head of unit scale, so the pooled position shows in the logits

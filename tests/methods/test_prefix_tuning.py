@@ -119,6 +119,15 @@ def test_reparameterisation_counts_and_starts_as_hf_peft(tiny_llama_path):
         assert 0.9 * bound < their_max <= bound and 0.9 * bound < float(jnp.abs(ours_values).max()) <= bound
 
 
+def test_transformers_vit_takes_no_kv_cache():
+    """Why ViT's positions do not move: HF PEFT feeds prefixes as a KV cache, which ViT has no input for."""
+    import inspect
+
+    import transformers
+
+    assert not {"past_key_values", "cache"} & set(inspect.signature(transformers.ViTModel.forward).parameters)
+
+
 def test_layers_that_prepend_different_lengths_are_a_clear_error():
     model = from_config("bert-tiny", num_labels=2, seed=0)
     peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=3, targets=r".*layer\.0\..*attention_kv"))

@@ -48,6 +48,7 @@ def test_matrices_depend_only_on_seed_rank_and_largest_layer():
         return np.asarray(wrapper.projection_a[...]), np.asarray(wrapper.projection_b[...])
 
     everything = matrices(VeraConfig(rank=4, targets="all-linear", seed=3))
+    assert everything[0].shape == (32, 4) and everything[1].shape == (4, 32)
     np.testing.assert_array_equal(matrices(VeraConfig(rank=4, targets=["up", "down"], seed=3))[0], everything[0])
     assert matrices(VeraConfig(rank=4, targets=["query"], seed=3))[0].shape == (16, 4)
     assert not np.allclose(matrices(VeraConfig(rank=4, targets="all-linear", seed=4))[0], everything[0])
