@@ -58,6 +58,8 @@ input: q, k and v read the same tensor, so LoRA on query and value keeps one):
 * VeRA: the input, two rank-sized tensors and one output-sized one;
 * IA3: the tensor each vector scales (the input for feed-forward targets, else the output);
 * a bottleneck adapter: its input (d) and 4 b per token (2 b and a boolean mask for ReLU);
+  Pfeiffer's in a post-LN model also the LayerNorm it reads through, LN(o + x) (3 f d + f
+  per token), except in the lowest layer when no gradient goes below its adapter;
 * prompt tuning, prefix tuning: nothing of their own; T' and S grow.
 
 With parameters stored in float32 and computed in bf16, every kernel the backward
@@ -327,6 +329,9 @@ def activation_bytes(
         elif isinstance(w, BottleneckAdapter):
             b = w.down_bias.shape[-1]
             extra += c * n * dims.hidden + (2 * c * n * b + n * b if w.activation == "relu" else 4 * c * n * b)
+            lowest = skipped and re.search(r"\.0\.[^.]+$", path)
+            if w.variant == "pfeiffer" and dims.family == "bert" and not lowest:
+                extra += 3 * f * n * dims.hidden + f * n
     terms["kernel_inputs"] = sum(c * n * dims.site_width(site) for _, site in sites)
     terms["adapters"] = extra
 
