@@ -135,7 +135,8 @@ def main(argv=None) -> None:
     for name in layouts:
         row = result["layouts"][name]
         print(
-            f"{name:7s} step GFLOP {row['step_flops'] / 1e9:9.3f}  GB accessed {row['step_bytes_accessed'] / 1e9:7.3f}  "
+            f"{name:7s} step GFLOP {row['step_flops'] / 1e9:9.3f}  "
+            f"GB accessed {row['step_bytes_accessed'] / 1e9:7.3f}  "
             f"temp MB {row['temp_bytes'] / 1e6:8.1f}  HLO ops {row['hlo_ops']}  "
             f"median step {row['median_step_s'] * 1e3:7.1f} ms"
         )

@@ -11,11 +11,13 @@ reference models compute what transformers computes on HF PEFT's prompted
 ``inputs_embeds`` (tests compare MiniLM classifier logits and tiny-Llama
 logits with HF PEFT's): the virtual tokens take positions 0 .. N-1, and
 BERT's pooler and RoBERTa's classifier read position 0, the first virtual
-token, not [CLS]. Two outputs differ on purpose: token-level outputs drop the
-N virtual positions, so they stay aligned with the caller's tokens, and
+token, not [CLS]. Some outputs differ on purpose: token-level outputs drop
+the N virtual positions, so they stay aligned with the caller's tokens;
 Llama's sequence classifier reads the last real token at N + its index where
-transformers reads the last position whatever the padding (and warns); the
-two agree on rows without padding.
+transformers reads the last position whatever the padding (and warns), so
+the two agree on rows without padding; and RoBERTa numbers positions past
+padding as it does for token ids, where transformers given embeddings counts
+every position, so the two agree on right-padded batches.
 
 Initialisation (``init``):
 

@@ -107,7 +107,8 @@ def test_lora_a_is_distributed_as_hf_peft(minilm_path, init):
     or normal with std 1/r; B starts at zero."""
     rank = 8
     reference = transformers.AutoModel.from_pretrained(minilm_path, num_hidden_layers=1)
-    config = peft.LoraConfig(r=rank, target_modules=TARGETS, init_lora_weights=True if init == "kaiming" else "gaussian")
+    init_lora_weights = True if init == "kaiming" else "gaussian"
+    config = peft.LoraConfig(r=rank, target_modules=TARGETS, init_lora_weights=init_lora_weights)
     theirs = dict(peft.get_peft_model(reference, config).base_model.model.named_modules())
     model = from_pretrained(minilm_path, config_overrides={"num_hidden_layers": 1})
     peftjax.apply(model, peftjax.LoraConfig(rank=rank, targets=TARGETS, init=init))
@@ -133,7 +134,8 @@ def test_prefix_tuning_matches_hf_peft(minilm_path, batch, given_positions):
     is passed to peftjax."""
     n = 4
     reference = transformers.AutoModel.from_pretrained(minilm_path).eval()
-    theirs = peft.get_peft_model(reference, peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=n))
+    config = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=n)
+    theirs = peft.get_peft_model(reference, config)
     model = from_pretrained(minilm_path)
     peftjax.apply(model, peftjax.PrefixTuningConfig(num_virtual_tokens=n))
     model.eval()

@@ -119,6 +119,33 @@ def test_llama_classifier_matches_hf_peft_on_rows_without_padding(tiny_llama_pat
     np.testing.assert_allclose(ours(ids).logits, expected, atol=1e-4, rtol=0)
 
 
+def test_roberta_classifier_matches_hf_peft_on_a_right_padded_batch(tmp_path):
+    """<s> of the prompted sequence is the first virtual token; right padding
+    keeps the real tokens' positions where transformers puts them."""
+    import transformers
+    from peft import PromptTuningConfig as HFPromptTuningConfig
+    from peft import get_peft_model
+
+    from peftjax.models import PRESETS, from_pretrained
+
+    config = PRESETS["roberta-tiny"].to_hf_dict()
+    config.update(id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    transformers.RobertaForSequenceClassification(transformers.AutoConfig.for_model(**config)).save_pretrained(tmp_path)
+    reference = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path).eval()
+    theirs = get_peft_model(reference, HFPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)).eval()
+    ours = from_pretrained(tmp_path)
+    peftjax.apply(ours, PromptTuningConfig(num_virtual_tokens=N))
+    ours.eval()
+    prompt = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()
+    ours.roberta.embeddings.input_embeddings.prompt[...] = prompt
+    ids, mask = (np.array(a) for a in batch())
+    ids[mask == 0] = config["pad_token_id"]
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(ours(ids, mask).logits, expected, atol=1e-4, rtol=0)
+
+
 def test_hf_peft_draws_a_random_prompt_from_a_standard_normal(tiny_llama_path):
     """What the module doc says of HF PEFT's random start (ours is scaled to the table)."""
     theirs, _ = hf_prompt_tuning(tiny_llama_path, "CAUSAL_LM")
