@@ -2,6 +2,7 @@
 
     python benchmarks/summarize.py bench benchmarks/results/bert_base_cpu.json
     python benchmarks/summarize.py compare benchmarks/results/minilm_*_vs_hf_peft.json
+    python benchmarks/summarize.py nf4-layout benchmarks/results/nf4_layout.json
 
 Every number in ``benchmarks/results/README.md`` comes out of this script, so the
 summary cannot drift from the runs.
@@ -74,13 +75,33 @@ def compare_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def layout_table(path: Path) -> str:
+    """``benchmarks/nf4_layout.py``'s two layouts side by side."""
+    r = json.loads(path.read_text())
+    names = {"out_in": "(out, in), bitsandbytes'", "in_out": "(in, out), before"}
+    head = ["layout", "step GFLOP (XLA)", "GB accessed (XLA)", "temporaries MB",
+            "HLO dot / transpose / copy / fusion ops", "median step s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, name in names.items():
+        row = r["layouts"][key]
+        ops = " / ".join(str(row["hlo_ops"][op]) for op in ("dot", "transpose", "copy", "fusion"))
+        lines.append(f"| {name} | {row['step_flops'] / 1e9:.3f} | {row['step_bytes_accessed'] / 1e9:.3f} | "
+                     f"{row['temp_bytes'] / 1e6:.1f} | {ops} | {row['median_step_s']:.2f} |")  # fmt: skip
+    low, median, high = r["ratio_quartiles"]
+    lines += ["", f"Per-pair step-time ratio (out, in) / (in, out) over {r['pairs']} pairs: median {median:.3f}, "
+              f"quartiles {low:.3f} and {high:.3f}; load average {r['load_average_1min_after']:.1f} ({r['device']})."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("bench", "compare"))
+    parser.add_argument("kind", choices=("bench", "compare", "nf4-layout"))
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     if args.kind == "bench":
         print("\n\n".join(bench_table(p) for p in args.files))
+    elif args.kind == "nf4-layout":
+        print("\n\n".join(layout_table(p) for p in args.files))
     else:
         print(compare_table(args.files))
 

@@ -20,8 +20,9 @@ for an ``nnx.Linear`` whose kernel is (in, out): the blocks of 64 run along
 each output unit's input weights, and codes, scales and double-quantised
 scales are the arrays bitsandbytes stores for the same weight (a test checks
 them against a float64 transcription of its algorithm), so its checkpoints can
-be loaded without requantising. Contracting the input with the (out, in)
-kernel costs XLA nothing more than the (in, out) one (measured in
+be loaded without requantising. It costs nothing: XLA compiles MiniLM's QLoRA
+training step to the same FLOPs, bytes, memory plan and op counts with the
+(out, in) or the (in, out) order (``benchmarks/nf4_layout.py``, section (e) of
 ``benchmarks/results/README.md``).
 
 Decisions:

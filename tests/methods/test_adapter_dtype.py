@@ -1,8 +1,9 @@
 """Adapter parameters and their optimizer state are float32 whatever the base's
-parameter dtype, and compute runs in the model's dtype: on a bf16 model, every
-method's adapter trains (bf16 storage would round away IA3's and DoRA's small
-steps: 1.0 plus a step below 0.002 is 1.0 in bf16). One model carries every
-method, each on modules of its own, so the check costs one compile."""
+parameter dtype: on a model with bf16 parameters (float32 compute, the setting
+of ``peftjax bench --param-dtype bf16``), every method's adapter trains (bf16
+storage would round away IA3's and DoRA's small steps: 1.0 plus a step below
+0.002 is 1.0 in bf16). One model carries every method, each on modules of its
+own, so the check costs one compile."""
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,11 @@ METHODS = {
     "prefix_tuning": (peftjax.PrefixTuningConfig(num_virtual_tokens=3), "['attention_kv']['prefix_keys']"),
 }
 STEPS = 5
+DTYPE = jnp.float32  # compute dtype: peftjax bench --param-dtype bf16's default
 
 
 def test_bf16_model_trains_float32_adapters_of_every_method():
-    model = from_config("bert-tiny", num_labels=2, seed=0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = from_config("bert-tiny", num_labels=2, seed=0, dtype=DTYPE, param_dtype=jnp.bfloat16)
     for name, (config, _) in METHODS.items():
         peftjax.apply(model, config, adapter_name=name)
     ids = jax.random.randint(jax.random.key(1), (4, 8), 3, 1000)
