@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import peftjax
 from peftjax.models import from_config
@@ -59,3 +60,25 @@ def test_bf16_model_trains_float32_adapters_of_every_method():
     changed = jax.tree.map(lambda a, b: float(np.mean(np.asarray(a) != b)), state.trainable, before)
     for path, fraction in jax.tree_util.tree_leaves_with_path(changed):
         assert fraction > 0.9, f"{jax.tree_util.keystr(path)}: only {fraction:.0%} of the entries moved"
+
+
+def test_hf_peft_keeps_adapters_of_a_bf16_model_in_float32():
+    """What lora.py says of HF PEFT: autocast_adapter_dtype (its default) upcasts
+    the adapters of a bf16 model to float32."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)  # fmt: skip
+    configs = [
+        peft.LoraConfig(r=2, target_modules=["query"]),
+        peft.LoraConfig(r=2, target_modules=["query"], use_dora=True),
+        peft.IA3Config(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"]),
+        peft.VeraConfig(r=4, target_modules=["query"]),
+    ]
+    for method in configs:
+        model = peft.get_peft_model(transformers.BertModel(config).to(torch.bfloat16), method)
+        trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        assert trained and set(trained.values()) == {torch.float32}, (type(method).__name__, trained)
+        assert model.base_model.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
