@@ -43,8 +43,8 @@ columns:
   fwd +{fwd} XLA's extra forward (inference) FLOPs over the base model, adapters unmerged;
              analytic = the method's formula for the same (- where none is written)
   merged +   the extra forward FLOPs left after merging (0 when the method merges)
-  XLA MB     XLA's compiled memory plan for the step; floor MB = the analytic floor (parameters, gradients,
-             optimizer state, activations, batch); XLA/fl = their ratio
+  XLA MB     XLA's compiled memory plan for the step; floor MB = a lower bound every compiled step needs
+             (its arguments, plus the activations the backward pass must keep); XLA/fl = their ratio
   step ms    median step time (compilation and warm-up excluded); {speed} = {unit} per second"""
 
 
@@ -55,7 +55,7 @@ def _flop_unit(values: Sequence[float | None]) -> tuple[str, float]:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per method: counts, FLOPs, memory (compiled vs analytic) and time, then a legend."""
+    """One line per method: counts, FLOPs, memory (compiled vs the floor) and time, then a legend."""
     ok = [r for r in rows if r.get("status") == "ok"]
     step_unit, step_scale = _flop_unit([r["step_flops"] for r in ok])
     fwd_unit, fwd_scale = _flop_unit([v for r in ok for v in (r["forward_overhead_flops"], r["forward_overhead_analytic"],
@@ -100,7 +100,7 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> list[Path]:
-    """PNG charts (matplotlib, Agg): step FLOPs vs full, memory compiled vs analytic, and
+    """PNG charts (matplotlib, Agg): step FLOPs vs full, memory compiled vs the floor, and
     (when timed) tokens (or images) per second. Returns the files written."""
     import matplotlib
 
@@ -136,7 +136,7 @@ def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> l
     x = range(len(ok))
     ax.bar([i - 0.2 for i in x], [(r["compiled_memory_bytes"] or 0) / 1e9 for r in ok], 0.4, label="XLA compiled plan")
     if all(r["analytic_floor_bytes"] is not None for r in ok):
-        ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="analytic floor")
+        ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="memory floor (lower bound)")
     ax.set_xticks(list(x), names, rotation=45)
     ax.set_ylabel("GB")
     ax.set_title(title, fontsize=9)

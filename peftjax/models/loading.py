@@ -100,7 +100,7 @@ class LoadReport:
 # --------------------------------------------------------------------------
 
 
-def _to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
+def to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":  # torch (out, in, kh, kw) -> flax (kh, kw, in, out)
@@ -108,7 +108,7 @@ def _to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array
 
 
-def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":
@@ -410,7 +410,7 @@ def from_pretrained(
         torch_shape = handles[files[ckpt_key]].shape(ckpt_key)
         expected = tuple(abstract_leaves[leaf_path].shape)
         if _model_shape(torch_shape, layout) != expected:
-            torch_expected = _to_torch_shape(expected, layout)
+            torch_expected = to_torch_shape(expected, layout)
             mismatched.append((ckpt_key, torch_shape, torch_expected))
             new_paths[ckpt_key] = leaf_path
             continue
@@ -458,7 +458,7 @@ def from_pretrained(
     for index, (leaf_path, variable) in enumerate(flat_abstract):
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
-            array = _to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
+            array = to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
             value = jnp.asarray(_contiguous(array), dtype=variable.dtype)
         elif isinstance(variable, nnx.RngKey):
             value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
@@ -475,10 +475,9 @@ def from_pretrained(
     mark_new_head(model, params, trains=not freeze_new_head)
     filled = set()
     if adapter is not None:
-        from peftjax.core.adapter_io import load_adapter, saved_names
+        from peftjax.core.adapter_io import fill_adapter
 
-        load_adapter(model, adapter)
-        filled = saved_names(adapter)
+        filled = fill_adapter(model, adapter)
     unfilled = [key for key in [*missing, *reinitialised] if dotted_new[key] not in filled]
     if unfilled:
         logger.warning(
@@ -511,7 +510,7 @@ def from_pretrained(
     return model, report
 
 
-def _to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+def to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     if layout == "linear" and len(shape) == 2:
         return shape[::-1]
     if layout == "conv" and len(shape) == 4:
@@ -555,7 +554,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
         array = np.asarray(jax.device_get(variables[leaf_path].get_value()))
         if isinstance(variables[leaf_path], nnx.Param):
             dtypes.add(array.dtype)
-        tensors[hf_key] = _contiguous(_to_torch_layout(array, layout))
+        tensors[hf_key] = _contiguous(to_torch_layout(array, layout))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = {"architectures": [registry.hf_architecture(model)], **model.config.to_hf_dict()}
