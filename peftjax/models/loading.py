@@ -33,15 +33,22 @@ from safetensors.numpy import save_file
 
 from peftjax.core.new_head import mark_new_head
 from peftjax.models import registry
-from peftjax.models.batch_norm import BatchNorm
 from peftjax.models.errors import (
     CheckpointNotFoundError,
     ModelLoadError,
     UnsupportedModelError,
 )
 from peftjax.models.factory import PRESETS
+from peftjax.models.layouts import (
+    CHECKPOINT_VARIABLES,
+    checkpoint_names,
+    contiguous,
+    model_shape,
+    to_model_layout,
+    to_torch_layout,
+    to_torch_shape,
+)
 from peftjax.models.names import CONFIG_NAME, WEIGHTS_INDEX_NAME, resolve_checkpoint
-from peftjax.points import InsertionPoint
 
 logger = logging.getLogger("peftjax.models")
 
@@ -53,29 +60,6 @@ _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids|rotary_emb\.inv_
 # Pre-2019 BERT checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
 
-# Leaf renames and layouts of the layers whose parameters checkpoints hold.
-_LAYER_LEAVES: Mapping[type, Mapping[str, tuple[str, str]]] = {
-    nnx.Linear: {"kernel": ("weight", "linear"), "bias": ("bias", "same")},
-    nnx.Conv: {"kernel": ("weight", "conv"), "bias": ("bias", "same")},
-    nnx.Embed: {"embedding": ("weight", "same")},
-    nnx.LayerNorm: {"scale": ("weight", "same"), "bias": ("bias", "same")},
-    nnx.RMSNorm: {"scale": ("weight", "same")},
-    nnx.BatchNorm: {
-        "scale": ("weight", "same"),
-        "bias": ("bias", "same"),
-        "mean": ("running_mean", "same"),
-        "var": ("running_var", "same"),
-    },
-    BatchNorm: {
-        "scale": ("weight", "same"),
-        "bias": ("bias", "same"),
-        "mean": ("running_mean", "same"),
-        "var": ("running_var", "same"),
-        "num_batches_tracked": ("num_batches_tracked", "count"),
-    },
-}
-# What a checkpoint holds: parameters and batch norms' running statistics.
-_CHECKPOINT_VARIABLES = (nnx.Param, nnx.BatchStat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,85 +77,6 @@ class LoadReport:
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
     mismatched_keys: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
-
-
-# --------------------------------------------------------------------------
-# Layouts.
-# --------------------------------------------------------------------------
-
-
-def to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":  # torch (out, in, kh, kw) -> flax (kh, kw, in, out)
-        return array.transpose(2, 3, 1, 0)
-    return array
-
-
-def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return array.transpose(3, 2, 0, 1)
-    if layout == "count":  # torch keeps counters as int64; JAX (without x64) as int32
-        return array.astype(np.int64)
-    return array
-
-
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy when needed; unlike ``np.ascontiguousarray`` it keeps
-    scalars (a batch norm's counter) zero-dimensional."""
-    return np.require(array, requirements="C")
-
-
-def _model_shape(torch_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "linear" and len(torch_shape) == 2:
-        return torch_shape[::-1]
-    if layout == "conv" and len(torch_shape) == 4:
-        out, inp, kh, kw = torch_shape
-        return (kh, kw, inp, out)
-    return tuple(torch_shape)
-
-
-def _is_reference_module(module: Any) -> bool:
-    """Modules whose parameters belong in a transformers checkpoint.
-
-    Layers listed in ``_LAYER_LEAVES``, layer lists and the reference model
-    classes themselves; anything else (insertion points, adapter wrappers)
-    holds parameters no transformers model has.
-    """
-    if isinstance(module, InsertionPoint):
-        return False
-    if isinstance(module, (nnx.List, *_LAYER_LEAVES)):
-        return True
-    return type(module).__module__.startswith("peftjax.models.")
-
-
-def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], list[str]]:
-    """Maps each parameter (and running statistic) path to its checkpoint key and layout.
-
-    Returns ``(names, skipped)``: ``names[path] = (hf_key, layout)`` for every
-    parameter and batch-norm statistic of the reference architecture, and the
-    dotted paths of those under other modules (adapters, points), which have
-    no transformers counterpart.
-    """
-    modules = dict(nnx.iter_modules(model))
-    names: dict[tuple, tuple[str, str]] = {}
-    skipped: list[str] = []
-    for path, _ in nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)):
-        owner_path, leaf = path[:-1], path[-1]
-        chain = [modules.get(owner_path[:i]) for i in range(len(owner_path) + 1)]
-        if not all(m is not None and _is_reference_module(m) for m in chain):
-            skipped.append(".".join(map(str, path)))
-            continue
-        owner = modules[owner_path]
-        hf_leaf, layout = str(leaf), "same"
-        for layer_type, leaves in _LAYER_LEAVES.items():
-            if type(owner) is layer_type:
-                hf_leaf, layout = leaves[leaf]
-                break
-        names[path] = (".".join(map(str, (*owner_path, hf_leaf))), layout)
-    return names, skipped
 
 
 # --------------------------------------------------------------------------
@@ -409,7 +314,7 @@ def from_pretrained(
         used.add(ckpt_key)
         torch_shape = handles[files[ckpt_key]].shape(ckpt_key)
         expected = tuple(abstract_leaves[leaf_path].shape)
-        if _model_shape(torch_shape, layout) != expected:
+        if model_shape(torch_shape, layout) != expected:
             torch_expected = to_torch_shape(expected, layout)
             mismatched.append((ckpt_key, torch_shape, torch_expected))
             new_paths[ckpt_key] = leaf_path
@@ -459,7 +364,7 @@ def from_pretrained(
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
             array = to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
-            value = jnp.asarray(_contiguous(array), dtype=variable.dtype)
+            value = jnp.asarray(contiguous(array), dtype=variable.dtype)
         elif isinstance(variable, nnx.RngKey):
             value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
         elif isinstance(variable, nnx.RngCount):
@@ -510,15 +415,6 @@ def from_pretrained(
     return model, report
 
 
-def to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "linear" and len(shape) == 2:
-        return shape[::-1]
-    if layout == "conv" and len(shape) == 4:
-        kh, kw, inp, out = shape
-        return (out, inp, kh, kw)
-    return tuple(shape)
-
-
 # --------------------------------------------------------------------------
 # save_pretrained.
 # --------------------------------------------------------------------------
@@ -547,14 +443,14 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
             registry.hf_architecture(model),
             _summarise(skipped),
         )
-    variables = dict(nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)))
+    variables = dict(nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARIABLES)))
     tensors: dict[str, np.ndarray] = {}
     dtypes = set()  # of the parameters: running statistics and counters keep their own
     for leaf_path, (hf_key, layout) in names.items():
         array = np.asarray(jax.device_get(variables[leaf_path].get_value()))
         if isinstance(variables[leaf_path], nnx.Param):
             dtypes.add(array.dtype)
-        tensors[hf_key] = _contiguous(to_torch_layout(array, layout))
+        tensors[hf_key] = contiguous(to_torch_layout(array, layout))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = {"architectures": [registry.hf_architecture(model)], **model.config.to_hf_dict()}
