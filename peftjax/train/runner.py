@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,11 +77,16 @@ def check_output_dir(config: ExperimentConfig, *, resume: bool) -> pathlib.Path:
         probe.unlink()
     except OSError as err:
         raise RunError(f"output_dir {str(out)!r} is not writable ({err.strerror}); set output_dir=... to a writable folder") from None
-    has_run = (out / "checkpoints").exists() or (out / RESULT_FILE).exists()
-    if has_run and not resume:
+    checkpoints = out / "checkpoints"
+    saved = Checkpointer.saved_steps(checkpoints)
+    if (saved or (out / RESULT_FILE).exists()) and not resume:
         raise RunError(f"{out} already holds a run; pass --resume to continue it, or set output_dir=... to another folder")
-    if resume and not (out / "checkpoints").exists():
-        raise RunError(f"--resume: {out / 'checkpoints'} does not exist; nothing to resume")
+    if resume and not saved:
+        raise RunError(f"--resume: {checkpoints} holds no complete checkpoint; nothing to resume (run without --resume "
+                       "to start afresh)")
+    if checkpoints.exists() and not saved:
+        # A run that stopped before its first checkpoint left the folder, maybe with an unfinished save: nothing to keep.
+        shutil.rmtree(checkpoints)
     return out
 
 

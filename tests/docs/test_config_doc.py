@@ -1,6 +1,8 @@
 """docs/config.md cannot drift: its schema tables equal the config dataclasses, every YAML
 block in it loads, and its three complete examples (local csv files, a causal LM on .txt
-files, an image folder) train for two steps on small files of the layout they describe."""
+files, an image folder) work on small files of the layout they describe: the causal LM trains
+for two steps through the runner, the other two build everything a run builds and trace
+their train step."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 import pathlib
 import re
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -21,6 +24,9 @@ from peftjax.models import PRESETS
 from peftjax.models.names import PACKAGED_CHECKPOINTS
 from peftjax.rank_search.config import load_rank_search
 from peftjax.strategies import strategy_from_dict
+from peftjax.strategies.base import step_loss
+from peftjax.train import runner
+from peftjax.train.session import MAIN
 from peftjax.train.runner import run
 from schema_tables import documented_tables, expected_rows, schema_classes
 
@@ -96,21 +102,34 @@ def example_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["reviews_bert_tiny", "notes_llama_tiny", "shapes_vit_tiny"])
-def test_complete_examples_train(name, example_dir, monkeypatch):
+def _example(name: str, example_dir: pathlib.Path, monkeypatch):
     block = next(b for b in BLOCKS if f"name: {name}\n" in b)
     monkeypatch.chdir(example_dir)
     path = example_dir / f"{name}.yaml"
     path.write_text(block)
-    config = load_config(path, FAST, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
-    result = run(config, progress=False)
+    return load_config(path, FAST, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
+
+
+def test_the_causal_lm_example_trains(example_dir, monkeypatch):
+    """Two steps through the runner: .txt files, the default text column, perplexity. (Also the
+    suite's causal LM through the runner.)"""
+    result = run(_example("notes_llama_tiny", example_dir, monkeypatch), progress=False)
     metrics = result["metrics"]
-    assert result["steps"] == 2 and math.isfinite(metrics["eval_loss"])
-    if config.data.task == "causal_lm":  # a language model reports perplexity, exp(mean token loss)
-        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
-        assert result["config"]["data"]["text_columns"] == ["text"]  # the default for causal LM
-    else:
-        assert "eval_perplexity" not in metrics
-    if config.data.task == "image_classification":  # the size and normalisation followed vit-tiny
-        data = result["config"]["data"]
-        assert data["image_size"] == 32 and data["image_mean"] == [0.5, 0.5, 0.5]
+    assert result["steps"] == 2 and 0 < metrics["eval_loss"] < 10 and "eval_accuracy" in metrics
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))  # exp(mean token loss)
+    assert result["config"]["data"]["text_columns"] == ["text"]  # the default for causal LM
+
+
+@pytest.mark.parametrize("name, rows, image_size", [("reviews_bert_tiny", (16, 8), None), ("shapes_vit_tiny", (8, 8), 32)])
+def test_the_classification_examples_build_their_train_step(name, rows, image_size, example_dir, monkeypatch):
+    """Everything a run does before its first step, on the files of the layout described (csv
+    columns named in the config, string labels; an image folder by class), and the train
+    step traced on their first batch (compiling it is the runner tests' business)."""
+    config = runner.with_model_defaults(_example(name, example_dir, monkeypatch))
+    prep = runner.prepare(config)
+    assert prep.task.num_labels == 2 and (len(prep.task["train"]), len(prep.task["eval"])) == rows
+    assert config.data.image_size == image_size  # vit-tiny's 32, not the files' 48
+    state = peftjax.TrainState.create(prep.model, prep.optimizer)
+    step = peftjax.make_train_step(step_loss(config.data.task, prep.strategies))
+    _, metrics = jax.eval_shape(step, state, {MAIN: next(iter(prep.train_loader))})
+    assert metrics["loss"].shape == () and np.dtype(metrics["loss"].dtype) == np.float32
