@@ -147,18 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a ``PeftError`` becomes one line on stderr and exit
+    code 2, a preempted run exits 128 + the signal's number. Any other
+    exception is a bug and keeps its traceback."""
+    from peftjax.errors import PeftError, Preempted
+
     args = build_parser().parse_args(argv)
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from peftjax.errors import PeftError
-
     try:
+        if args.distributed:
+            from peftjax.train.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         return args.handler(args)
-    except (PeftError, FileNotFoundError) as err:
-        print(f"peftjax: error: {err}", file=sys.stderr)
+    except PeftError as err:
+        print(f"peftjax: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        print(f"peftjax: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
-from peftjax.errors import PeftError
+from peftjax.errors import AdapterError
 from peftjax.methods.base import FROZEN, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,31 +56,51 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
     appears complete or not at all (written beside it, then renamed)."""
     methods = applied_methods(model)
     if not methods:
-        raise PeftError("the model has no adapters to save: apply a method first (peftjax.apply)")
+        raise AdapterError("the model has no adapters to save: apply a method first (peftjax.apply)")
     path = Path(path)
     config = {
         "format_version": FORMAT_VERSION,
         "methods": [{"adapter_name": name, **config.to_dict()} for name, config in methods],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    weights = adapter_state(model)
+    staging = None
     try:
-        save_file(adapter_state(model), str(staging / WEIGHTS_FILE))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        save_file(weights, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _replace_folder(staging, path)
+    except OSError as err:
+        raise AdapterError(f"cannot write the adapter to {path} ({err.strerror or err}); an earlier adapter there "
+                           "is left as it was. Free disk space or choose a writable folder.") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """``new`` renamed to ``path``; an old ``path`` is moved aside first and
+    deleted last, so a failure leaves one complete folder at ``path``."""
+    if not path.exists():
+        new.rename(path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    try:
+        new.rename(path)
+    except OSError:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read(path: Path):
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for file in (config_file, weights_file):
         if not file.is_file():
-            raise PeftError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
+            raise AdapterError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
     try:
         config = json.loads(config_file.read_text())
         methods = []
@@ -88,11 +108,11 @@ def _read(path: Path):
             entry = dict(entry)
             methods.append((entry.pop("adapter_name"), config_from_dict(entry)))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise PeftError(f"{config_file} is not a peftjax adapter config: {err}") from None
+        raise AdapterError(f"{config_file} is not a peftjax adapter config: {err}") from None
     try:
         arrays = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
-        raise PeftError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
+        raise AdapterError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
     return methods, arrays
 
 
@@ -118,7 +138,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in expected.keys() & arrays.keys()
              if tuple(arrays[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        raise PeftError(
+        raise AdapterError(
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )

@@ -33,7 +33,7 @@ from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
 from peftjax.core.labels import PeftOptimizer
-from peftjax.errors import PeftError
+from peftjax.errors import NonFiniteLossError, PeftError, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
     Strategy,
@@ -51,14 +51,6 @@ from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
 
 RESULT_FILE = "result.json"
-
-
-class RunError(PeftError):
-    """A run that cannot start or cannot go on; the message names the fix."""
-
-
-class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------
