@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 
 def _load(path: str, overrides: list[str]):
@@ -150,9 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; a ``PeftError`` becomes one line on stderr and exit
     code 2, a preempted run exits 128 + the signal's number. Any other
     exception is a bug and keeps its traceback."""
-    from peftjax.errors import PeftError, Preempted
+    from peftjax.errors import PeftError, PeftWarning, Preempted
 
     args = build_parser().parse_args(argv)
+    show_warning = warnings.showwarning
+
+    def show(message, category, *rest, **kwargs):
+        if issubclass(category, PeftWarning):
+            print(f"peftjax: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_warning(message, category, *rest, **kwargs)
+
+    warnings.showwarning = show
     try:
         if args.distributed:
             from peftjax.train.distributed import initialize
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"peftjax: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ message names the config key, file or module at fault and the fix:
   checkpoints, devices, the other hosts), ``CheckpointError`` among them;
 * ``BenchError``: a benchmark request.
 
-``Preempted`` is not an error: it ends a run that a signal asked to stop
+``PeftWarning`` is what peftjax warns with (the command prints it as
+``peftjax: warning: ...``). ``Preempted`` is not an error: it ends a run that a signal asked to stop
 after it wrote a checkpoint, and carries what the command prints.
 """
 
@@ -91,6 +92,10 @@ class OutputLockedError(RunError):
 
 class BenchError(PeftError):
     """A benchmark request that cannot be measured (model, methods, sizes)."""
+
+
+class PeftWarning(UserWarning):
+    """Something the user should know that does not stop the command (a checkpoint skipped)."""
 
 
 class Preempted(Exception):

@@ -33,7 +33,7 @@ from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
 from peftjax.core.labels import PeftOptimizer
-from peftjax.errors import NonFiniteLossError, PeftError, RunError
+from peftjax.errors import NonFiniteLossError, PeftError, Preempted, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
     Strategy,
@@ -45,35 +45,16 @@ from peftjax.strategies.base import (
     step_loss,
 )
 from peftjax.train.checkpoint import Checkpointer
+from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, start_point, writable_output_dir
+from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
 
-RESULT_FILE = "result.json"
-
-
 # ----------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------
-
-
-def check_output_dir(config: ExperimentConfig, *, resume: bool) -> pathlib.Path:
-    """Create and probe the output folder before any slow work."""
-    out = pathlib.Path(config.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"output_dir {str(out)!r} is not writable ({err.strerror}); set output_dir=... to a writable folder") from None
-    has_run = (out / "checkpoints").exists() or (out / RESULT_FILE).exists()
-    if has_run and not resume:
-        raise RunError(f"{out} already holds a run; pass --resume to continue it, or set output_dir=... to another folder")
-    if resume and not (out / "checkpoints").exists():
-        raise RunError(f"--resume: {out / 'checkpoints'} does not exist; nothing to resume")
-    return out
 
 
 def compute_dtype(config: ExperimentConfig):
@@ -161,6 +142,16 @@ def versions() -> dict[str, str]:
 def peak_memory_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _metrics_log(path: pathlib.Path, step: int):
+    """metrics.jsonl opened for appending, without the records after ``step``
+    that a run stopped after its last checkpoint left: a resumed run writes them again."""
+    if step and path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(kept))
+    return path.open("a")
 
 
 def _write_json_atomically(path: pathlib.Path, payload: dict) -> None:
@@ -267,20 +258,32 @@ def _streams(prep: Prepared, positions: dict[str, dict]) -> dict[str, Stream]:
 
 
 def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True, fsdp: int = 1) -> dict[str, Any]:
-    """Train ``config`` to completion and return the result (also in result.json)."""
+    """Train ``config`` to completion and return the result (also in result.json).
+
+    With ``resume``, go on from the newest readable checkpoint in the output
+    folder, or start from scratch when it has none yet. The folder is locked
+    for the run. A SIGTERM or SIGINT stops the run after the current step with
+    a checkpoint, raising ``Preempted`` (see ``peftjax.train.preemption``).
+    """
+    out = writable_output_dir(config)
+    with OutputLock(out), StopSignals() as stop:
+        return _run(config, out, resume=start_point(out, config, resume=resume), progress=progress, fsdp=fsdp,
+                    stop=stop)
+
+
+def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress: bool, fsdp: int,
+         stop: StopSignals) -> dict[str, Any]:
     from tensorboardX import SummaryWriter
     from tqdm.auto import tqdm
 
-    out = check_output_dir(config, resume=resume)
     started = time.perf_counter()
     prep = prepare(config)
     loop = config.train
     mesh = make_mesh(fsdp=fsdp)
-    checkpointer = Checkpointer(out / "checkpoints", keep=loop.keep)
+    checkpointer = Checkpointer(out / CHECKPOINTS, keep=loop.keep)
     meta: dict[str, Any] = {}
     if resume:  # the saved state has the labels of the stage its last step trained in
-        saved_stage = prep.optimizer_at(checkpointer.latest_step() or 0)
-        state, meta = checkpointer.restore(TrainState.create(prep.model, saved_stage))
+        state, meta = checkpointer.restore(lambda step: TrainState.create(prep.model, prep.optimizer_at(step)))
     else:
         state = TrainState.create(prep.model, prep.optimizer)
     if progress:  # the counts at start-up, as a reader checks them before trusting a run
@@ -292,7 +295,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 
     (out / "config.yaml").write_text(config.to_yaml())
-    log = (out / "metrics.jsonl").open("a")
+    log = _metrics_log(out / "metrics.jsonl", int(state.step))
     writer = SummaryWriter(str(out / "tensorboard"))
     pending: list[tuple[int, jax.Array]] = []  # losses not yet checked on the host
     last_good = checkpointer.latest_step()
@@ -372,12 +375,15 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
                 for strategy in prep.strategies:
                     strategy.on_eval(session, scores)
                 last = last or session.stop_reason is not None
-            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or last:
+            preempted = stop.requested(step)
+            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or last or preempted:
                 check_finite()
                 positions = {name: stream.position.to_dict() for name, stream in session.streams.items()}
-                extra = {"best": best, "streams": positions, "strategies": session.memory}
-                checkpointer.save(session.state, positions.pop(MAIN), extra)
+                extra = {"best": best, "streams": positions, "strategies": session.memory, "config": config.to_dict()}
+                saved = checkpointer.save(session.state, positions.pop(MAIN), extra)
                 last_good = step
+            if preempted:
+                raise Preempted(stop.signum, step, str(saved))
             if session.stop_reason is not None:
                 break
     finally:
