@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coordinator", help="with --distributed: host:port of process 0")
     parser.add_argument("--num-processes", type=int, help="with --distributed: how many processes in all")
     parser.add_argument("--process-id", type=int, help="with --distributed: this process's index")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
+                        help="with --distributed: a process that sends no heartbeat for this long is dead, and "
+                             "the others stop (default: 100, as JAX's)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment config")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.distributed:
             from peftjax.train.distributed import initialize
 
-            initialize(args.coordinator, args.num_processes, args.process_id)
+            initialize(args.coordinator, args.num_processes, args.process_id,
+                       heartbeat_timeout_s=args.heartbeat_timeout)
         return args.handler(args)
     except PeftError as err:
         print(f"peftjax: error: {err}", file=sys.stderr, flush=True)

@@ -48,12 +48,25 @@ def adapter_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
 def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)
     and of the running statistics that changed."""
-    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in adapter_variables(model).items()}
+    return {name: _on_host(v.get_value()) for name, v in adapter_variables(model).items()}
+
+
+def _on_host(value) -> np.ndarray:
+    """A whole array in host memory, gathered from every process when it spans several."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapters to the folder ``path`` atomically: the folder
-    appears complete or not at all (written beside it, then renamed)."""
+    appears complete or not at all (written beside it, then renamed). A write
+    that fails raises ``AdapterError`` and leaves an earlier adapter at
+    ``path`` as it was. With several processes, every one must call it (the
+    arrays are gathered from all), process 0 writes, and all return when the
+    folder is there."""
     methods = applied_methods(model)
     if not methods:
         raise AdapterError("the model has no adapters to save: apply a method first (peftjax.apply)")
@@ -63,6 +76,9 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
         "methods": [{"adapter_name": name, **config.to_dict()} for name, config in methods],
     }
     weights = adapter_state(model)
+    if jax.process_index() != 0:
+        _wait_for_process_0(f"save_adapter {path}")
+        return path
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +92,15 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike) -> Path:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        _wait_for_process_0(f"save_adapter {path}")
     return path
+
+
+def _wait_for_process_0(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _replace_folder(new: Path, path: Path) -> None:

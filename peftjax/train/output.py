@@ -168,3 +168,39 @@ def _check_same_config(out: pathlib.Path, config: ExperimentConfig, steps: list[
         raise CheckpointError(
             f"{out / CHECKPOINTS} holds checkpoints of another config ({'; '.join(differences[:5])}); "
             "resume with the config that wrote them, or set output_dir=... to another folder")
+
+
+class RunLog:
+    """A run's ``config.yaml``, ``metrics.jsonl`` and TensorBoard events, written
+    by process 0 alone. A resumed run (``step`` > 0) first drops the records
+    after ``step`` that a run stopped after its last checkpoint left: it
+    writes them again."""
+
+    def __init__(self, out: pathlib.Path, config: ExperimentConfig, step: int) -> None:
+        self._file = self._writer = None
+        if jax.process_index() != 0:
+            return
+        from tensorboardX import SummaryWriter
+
+        (out / "config.yaml").write_text(config.to_yaml())
+        path = out / "metrics.jsonl"
+        if step and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(kept))
+        self._file = path.open("a")
+        self._writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._writer.close()

@@ -45,7 +45,7 @@ from peftjax.strategies.base import (
     step_loss,
 )
 from peftjax.train.checkpoint import Checkpointer
-from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, start_point, writable_output_dir
+from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, RunLog, start_point, writable_output_dir
 from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
 from peftjax.train.sharding import global_batch, make_mesh
@@ -140,18 +140,8 @@ def versions() -> dict[str, str]:
 
 
 def peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def _metrics_log(path: pathlib.Path, step: int):
-    """metrics.jsonl opened for appending, without the records after ``step``
-    that a run stopped after its last checkpoint left: a resumed run writes them again."""
-    if step and path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(kept))
-    return path.open("a")
 
 
 def _write_json_atomically(path: pathlib.Path, payload: dict) -> None:
@@ -273,7 +263,6 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
 
 def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress: bool, fsdp: int,
          stop: StopSignals) -> dict[str, Any]:
-    from tensorboardX import SummaryWriter
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -294,9 +283,7 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 
-    (out / "config.yaml").write_text(config.to_yaml())
-    log = _metrics_log(out / "metrics.jsonl", int(state.step))
-    writer = SummaryWriter(str(out / "tensorboard"))
+    log = RunLog(out, config, int(state.step))
     pending: list[tuple[int, jax.Array]] = []  # losses not yet checked on the host
     last_good = checkpointer.latest_step()
 
@@ -314,12 +301,7 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
             )
         pending.clear()
 
-    def log_line(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, record["step"])
+    log_line = log.write
 
     def evaluate_split(model: nnx.Module, split: str) -> dict[str, float]:
         return evaluate(model, prep.task.eval_loader(loop.eval_batch_size, split), prep.loss_fn, mesh)
@@ -389,7 +371,6 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
     finally:
         bar.close()
         log.close()
-        writer.close()
         checkpointer.close()
 
     state = session.state
@@ -416,5 +397,6 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
         "versions": versions(),
         **({"stopped": session.stop_reason} if session.stop_reason is not None else {}),
     }
-    _write_json_atomically(out / RESULT_FILE, result)
+    if jax.process_index() == 0:
+        _write_json_atomically(out / RESULT_FILE, result)
     return result
