@@ -51,6 +51,7 @@ class Checkpointer:
         self.folder = pathlib.Path(folder).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.folder, options=options)
+        self._failed: int | None = None
 
     def save(self, state: TrainState, loader_position: dict[str, int], extra: dict[str, Any]) -> pathlib.Path:
         """Writes the checkpoint of ``state`` and returns its folder."""
@@ -61,6 +62,7 @@ class Checkpointer:
             self._manager.save(step, args=args, force=True)
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - orbax wraps I/O errors in several types; all mean "not written"
+            self._failed = step
             self._remove_partial(step)
             previous = [s for s in self.steps() if s != step]
             kept = f"the previous checkpoint, step {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
@@ -130,3 +132,5 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        if self._failed is not None:  # what orbax's threads wrote after the failure
+            self._remove_partial(self._failed)

@@ -115,9 +115,12 @@ class OutputLock:
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every dotted key whose values differ (list items by index)."""
+    as_dict = lambda x: dict(enumerate(x)) if isinstance(x, list) else x  # noqa: E731
+    saved, current = as_dict(saved), as_dict(current)
     found = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = as_dict(saved.get(key)), as_dict(current.get(key))
         if isinstance(a, dict) and isinstance(b, dict):
             found += _config_differences(a, b, f"{prefix}{key}.")
         elif a != b and f"{prefix}{key}" != "output_dir":
