@@ -33,7 +33,7 @@ from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
 from peftjax.core.labels import PeftOptimizer
-from peftjax.errors import NonFiniteLossError, PeftError, Preempted, RunError
+from peftjax.errors import ModelLoadError, NonFiniteLossError, PeftError, Preempted, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
     Strategy,
@@ -69,10 +69,18 @@ def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
     kwargs = dict(task=HEADS[config.data.task], num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
     folder = spec.checkpoint_dir()
-    if folder is None:
-        return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
-    return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
-                           ignore_mismatched_sizes=True, **kwargs)
+    try:
+        if folder is None:
+            return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+        return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
+                               ignore_mismatched_sizes=True, **kwargs)
+    except ModelLoadError as err:
+        raise type(err)(f"{_model_key(config)}: {err}") from None
+
+
+def _model_key(config: ExperimentConfig) -> str:
+    """The config key that chose the model, for messages."""
+    return f"model.path={config.model.path!r}" if config.model.path else f"model.name={config.model.name!r}"
 
 
 def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
@@ -83,7 +91,11 @@ def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
         folder = config.model.tokenizer_dir()
         if folder is None:
             raise RunError(f"model {config.model.name!r} has no tokenizer folder; set model.tokenizer=PATH")
-        tokenizer = data_lib.load_tokenizer(folder)
+        try:
+            tokenizer = data_lib.load_tokenizer(folder)
+        except PeftError as err:
+            key = f"model.tokenizer={config.model.tokenizer!r}" if config.model.tokenizer else _model_key(config)
+            raise type(err)(f"{key}: {err}") from None
     return data_lib.load_data(config.data, tokenizer), tokenizer
 
 
