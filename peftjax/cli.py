@@ -64,8 +64,10 @@ def _rank_search(args) -> int:
         sweep = dataclasses.replace(sweep, mode=args.mode)
     flags = ["--mode", args.mode] if args.mode else []
     flags += ["--compare-sequential"] if args.compare_sequential else []
+    flags += ["--resume"] if args.resume else []
     command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
     payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
+                              resume=args.resume,
                               log=(lambda line: None) if args.quiet else _log_line, command=command)
     print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
                       "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--compare-sequential", action="store_true",
                         help="also train every point the other way, for the wall-time ratio batched/sequential")
     search.add_argument("--overwrite", action="store_true", help="replace an earlier rank search in output_dir")
+    search.add_argument("--resume", action="store_true",
+                        help="continue a rank search in output_dir: finished points are read back, not trained again")
     search.add_argument("--quiet", action="store_true", help="no per-program log lines")
     search.set_defaults(handler=_rank_search)
 

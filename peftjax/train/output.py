@@ -114,7 +114,7 @@ class OutputLock:
         self._fd = None
 
 
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """``key: saved -> current`` for every dotted key whose values differ (list items by index)."""
     as_dict = lambda x: dict(enumerate(x)) if isinstance(x, list) else x  # noqa: E731
     saved, current = as_dict(saved), as_dict(current)
@@ -122,7 +122,7 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     for key in sorted(set(saved) | set(current), key=str):
         a, b = as_dict(saved.get(key)), as_dict(current.get(key))
         if isinstance(a, dict) and isinstance(b, dict):
-            found += _config_differences(a, b, f"{prefix}{key}.")
+            found += config_differences(a, b, f"{prefix}{key}.")
         elif a != b and f"{prefix}{key}" != "output_dir":
             found.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return found
@@ -166,7 +166,7 @@ def _check_same_config(out: pathlib.Path, config: ExperimentConfig, steps: list[
     finally:
         checkpointer.close()
     current = json.loads(json.dumps(config.to_dict(), default=str))  # as the checkpoint's JSON holds it
-    differences = _config_differences(saved, current) if saved is not None else []
+    differences = config_differences(saved, current) if saved is not None else []
     if differences:
         raise CheckpointError(
             f"{out / CHECKPOINTS} holds checkpoints of another config ({'; '.join(differences[:5])}); "
