@@ -39,7 +39,7 @@ def writable_output_dir(config: ExperimentConfig) -> pathlib.Path:
     out = pathlib.Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: several may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -173,11 +173,19 @@ def _check_same_config(out: pathlib.Path, config: ExperimentConfig, steps: list[
             "resume with the config that wrote them, or set output_dir=... to another folder")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLog:
     """A run's ``config.yaml``, ``metrics.jsonl`` and TensorBoard events, written
     by process 0 alone. A resumed run (``step`` > 0) first drops the records
-    after ``step`` that a run stopped after its last checkpoint left: it
-    writes them again."""
+    after ``step`` that a run stopped after its last checkpoint left (it
+    writes them again), and a last line a killed run left half-written."""
 
     def __init__(self, out: pathlib.Path, config: ExperimentConfig, step: int) -> None:
         self._file = self._writer = None
@@ -188,8 +196,7 @@ class RunLog:
         (out / "config.yaml").write_text(config.to_yaml())
         path = out / "metrics.jsonl"
         if step and path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
             path.write_text("".join(kept))
         self._file = path.open("a")
         self._writer = SummaryWriter(str(out / "tensorboard"))
