@@ -80,6 +80,9 @@ def _bench(args) -> int:
 
     from peftjax.bench import BenchSpec, charts, run_bench, table, write_json
 
+    for flag, folder in (("--json", args.json and Path(args.json).parent), ("--charts", args.charts)):
+        if folder:
+            _check_writable(Path(folder), flag)
     spec = BenchSpec(model=args.model, methods=tuple(args.methods.split(",")), batch=args.batch, seq=args.seq,
                      image_size=args.image_size, dtype=args.dtype, param_dtype=args.param_dtype, abstract=args.abstract, steps=args.steps,
                      warmup=args.warmup, task=args.task, dropout=args.dropout)
@@ -92,6 +95,19 @@ def _bench(args) -> int:
         for path in charts(rows, args.charts, prefix):
             print(f"chart: {path}", file=sys.stderr)
     return 0
+
+
+def _check_writable(folder, flag: str) -> None:
+    """Before a long benchmark: its output folder can be written."""
+    from peftjax.errors import BenchError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise BenchError(f"{flag}: cannot write to {folder} ({err.strerror or err}); choose a writable folder") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,6 +164,7 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "bench: batch 0": (["bench", "--model", "bert-tiny", "--batch", "0", "--abstract", "--json", "{out}/bench.json"], r"--batch 0: must be an integer of at least 1"),
     "bench: unknown preset": (["bench", "--model", "bert-gigantic", "--abstract", "--json", "{out}/bench.json"], r"--model 'bert-gigantic'"),
     "bench: unknown method": (["bench", "--model", "bert-tiny", "--methods", "lorax", "--abstract", "--json", "{out}/bench.json"], r"lorax"),
+    "bench: unwritable --json folder": (["bench", "--model", "bert-tiny", "--abstract", "--json", "/proc/peftjax/bench.json"], r"--json: cannot write to /proc/peftjax"),
     "bench: sequence length 0": (["bench", "--model", "bert-tiny", "--seq", "0", "--abstract", "--json", "{out}/bench.json"], r"--seq 0"),
 }
 SUBPROCESS = {"unknown model preset", "garbage model.safetensors", "bench: batch 0"}  # the real command, end to end

@@ -31,7 +31,7 @@ RESULT_FILE = "result.json"
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".lock"
 # What a run writes before its first checkpoint; removed when a run starts afresh.
-RUN_FILES = ("metrics.jsonl", "tensorboard", "best", "adapter", "config.yaml", RESULT_FILE)
+RUN_FILES = ("metrics.jsonl", "tensorboard", "best", "adapter", RESULT_FILE)
 
 
 def writable_output_dir(config: ExperimentConfig) -> pathlib.Path:
