@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"peftjax: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except KeyboardInterrupt:  # outside a run's loop, where Ctrl-C stops with a checkpoint instead
+        print("peftjax: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         warnings.showwarning = show_warning
 

@@ -42,11 +42,12 @@ def _libc_signal():
 def _native_handler(signum: int) -> int | None:
     """The address of a handler installed from C for ``signum`` (None when there
     is none: the default, ignore, or Python's own)."""
-    set_handler = _libc_signal()
-    previous = set_handler(signum, None)  # read by swapping: POSIX has no getter
-    set_handler(signum, previous)
+    action = ctypes.create_string_buffer(1024)  # larger than any libc's struct sigaction
+    if ctypes.CDLL(None).sigaction(signum, None, action) != 0:
+        return None
+    handler = ctypes.c_void_p.from_buffer(action).value  # the struct's first field: sa_handler
     is_python = signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    return None if previous in (None, 1) or is_python else previous
+    return None if handler in (None, 1) or is_python else handler
 
 
 def _multi_process() -> bool:
