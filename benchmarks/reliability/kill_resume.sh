@@ -24,6 +24,12 @@ EVENTS=$OUT/kill_resume.jsonl
 : > "$EVENTS"
 RANDOM=$SEED
 export HF_HUB_OFFLINE=1
+# Every restart compiles the same programs: a persistent compilation cache (fresh for this script)
+# and LLVM's -O0, as `make test` uses them, keep restarts short. Both runs use the same executables.
+export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}"
+export JAX_COMPILATION_CACHE_DIR=$RUNS/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+rm -rf "$JAX_COMPILATION_CACHE_DIR"
 train() { "$PYTHON" -m peftjax.cli train "$CONFIG" "output_dir=$1" --quiet "${@:2}"; }
 last_step() { [ -s "$KILLED/metrics.jsonl" ] && tail -n 1 "$KILLED/metrics.jsonl" | "$PYTHON" -c \
     'import json,sys
