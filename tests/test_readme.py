@@ -26,7 +26,8 @@ def python_examples() -> list[tuple[str, str | None]]:
 
 
 @pytest.mark.parametrize("index", range(len(python_examples())))
-def test_python_block_runs_and_prints_what_the_readme_shows(index):
+def test_python_block_runs_and_prints_what_the_readme_shows(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that save files save them here
     code, expected = python_examples()[index]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -54,7 +55,7 @@ def test_shell_lines_name_real_commands_configs_and_scripts():
                 continue
             if words[0] == "make":
                 assert words[1] in targets, line
-            elif words[0] == "bash":
+            elif words[0] in ("bash", "python"):
                 assert (root / words[1]).is_file(), line
             else:
                 assert words[0].endswith("peftjax"), line
