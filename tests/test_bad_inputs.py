@@ -166,6 +166,11 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "bench: unknown method": (["bench", "--model", "bert-tiny", "--methods", "lorax", "--abstract", "--json", "{out}/bench.json"], r"lorax"),
     "bench: unwritable --json folder": (["bench", "--model", "bert-tiny", "--abstract", "--json", "/proc/peftjax/bench.json"], r"--json: cannot write to /proc/peftjax"),
     "bench: sequence length 0": (["bench", "--model", "bert-tiny", "--seq", "0", "--abstract", "--json", "{out}/bench.json"], r"--seq 0"),
+    # adapter conversion and combination
+    "convert-adapter: base model folder missing": (["convert-adapter", "{three_label_adapter}", "{out}/converted", "--model",
+                                                    "{root}/no_such_model"], r"Checkpoint folder .*no_such_model.* does not exist"),
+    "combine-adapters: an adapter without a weight": (["combine-adapters", "{three_label_adapter}", "--model", "{root}/no_such_model",
+                                                       "--out", "{out}/combined"], r"give each adapter as FOLDER=WEIGHT"),
 }
 SUBPROCESS = {"unknown model preset"}  # the real command, end to end (one: each costs an interpreter start)
 
@@ -186,7 +191,7 @@ def _error_line(stderr: str) -> str:
 
 
 def _looks_complete(out: pathlib.Path) -> list[str]:
-    found = [name for name in ("result.json", "adapter", "best", "rank_search.json", "bench.json") if (out / name).exists()]
+    found = [name for name in ("result.json", "adapter", "best", "rank_search.json", "bench.json", "converted", "combined") if (out / name).exists()]
     return found + [f"checkpoint {s}" for s in checkpoint_steps(out / "checkpoints")]
 
 
