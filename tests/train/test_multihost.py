@@ -25,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 from safetensors.numpy import load_file
 
@@ -52,15 +53,27 @@ def _env(devices: int) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": flags.strip(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _start(args: list[str], devices: int, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "peftjax.cli", *args], env=_env(devices), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def started():
+    """The processes a test starts; any still running when it ends (a failed assertion) are killed."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
-def _pair(config, out, tmp_path, name: str, *extra: str) -> list[subprocess.Popen]:
+def _start(started, args: list[str], devices: int, log) -> subprocess.Popen:
+    started.append(subprocess.Popen([sys.executable, "-m", "peftjax.cli", *args], env=_env(devices), stdout=log,
+                                    stderr=subprocess.STDOUT, text=True))
+    return started[-1]
+
+
+def _pair(started, config, out, tmp_path, name: str, *extra: str) -> list[subprocess.Popen]:
     port = _free_port()
     logs = [(tmp_path / f"{name}-{i}.log").open("w") for i in range(2)]
-    return [_start(["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+    return [_start(started, ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
                     str(i), "--heartbeat-timeout", str(HEARTBEAT_S), "train", str(config), f"output_dir={out}",
                     *extra, "--quiet"], 2, logs[i]) for i in range(2)]
 
@@ -78,14 +91,14 @@ def _wait_for_step(out, processes, step: int, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_two_processes_train_as_one_stop_together_and_stop_when_a_peer_dies(tmp_path):
+def test_two_processes_train_as_one_stop_together_and_stop_when_a_peer_dies(tmp_path, started):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     with (tmp_path / "single.log").open("w") as log:
-        single = _start(["train", str(config), f"output_dir={tmp_path / 'single'}", "--quiet"], 4, log)
+        single = _start(started, ["train", str(config), f"output_dir={tmp_path / 'single'}", "--quiet"], 4, log)
         out = tmp_path / "pair"
 
-        first = _pair(config, out, tmp_path, "first")
+        first = _pair(started, config, out, tmp_path, "first")
         _wait_for_step(out, first, 10)
         first[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=180) for p in first]
@@ -94,7 +107,7 @@ def test_two_processes_train_as_one_stop_together_and_stop_when_a_peer_dies(tmp_
         assert codes == [143, 143] and len(stops) == 2 and stops[0] == stops[1], (codes, stops)
         assert "checkpoint" in stops[0] and (out / "checkpoints" / stops[0].split("step ")[1].split(";")[0]).is_dir()
 
-        resumed = _pair(config, out, tmp_path, "resumed", "--resume")
+        resumed = _pair(started, config, out, tmp_path, "resumed", "--resume")
         assert [p.wait(timeout=300) for p in resumed] == [0, 0], _log(tmp_path, "resumed", 0)[-3000:]
         assert single.wait(timeout=300) == 0, (tmp_path / "single.log").read_text()[-3000:]
     pair, alone = load_file(str(out / "adapter" / "adapter_model.safetensors")), \
@@ -104,7 +117,7 @@ def test_two_processes_train_as_one_stop_together_and_stop_when_a_peer_dies(tmp_
         np.testing.assert_allclose(pair[key], alone[key], atol=1e-5, rtol=0, err_msg=key)
 
     out = tmp_path / "dies"
-    dying = _pair(config, out, tmp_path, "dies", "train.steps=100000")
+    dying = _pair(started, config, out, tmp_path, "dies", "train.steps=100000")
     _wait_for_step(out, dying, 3)
     dying[1].kill()
     killed_at = time.time()

@@ -33,7 +33,7 @@ TINY = {
              "text_columns": ["sentence"], "label_column": "label", "max_length": 16, "bucket_lengths": [16],
              "max_train_rows": 512},
     "optim": {"name": "adamw", "learning_rate": 3e-3},
-    "train": {"batch_size": 16, "steps": 8, "eval_every": 0, "checkpoint_every": 4, "keep": 3, "log_every": 4},
+    "train": {"batch_size": 16, "steps": 40, "eval_every": 0, "checkpoint_every": 10, "keep": 3, "log_every": 1},
 }
 
 
@@ -74,13 +74,13 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 2
         time.sleep(0.05)
 
 
-def test_one_resume_command_survives_a_kill_before_the_first_checkpoint_and_a_sigterm(tmp_path):
+def test_one_resume_command_survives_a_kill_before_the_first_checkpoint_and_a_sigterm(tmp_path, finished_run):
     """The same ``peftjax train CONFIG --resume`` line, run three times: killed with
     SIGKILL before its first checkpoint, then stopped by SIGTERM between two
     checkpoints (both as subprocesses), then to the end. The adapter equals an uninterrupted run's, bit
     for bit, and metrics.jsonl holds every step once."""
     out = tmp_path / "out"
-    config = write_config(tmp_path / "config.yaml", out, steps=40, checkpoint_every=10, log_every=1)
+    config = write_config(tmp_path / "config.yaml", out)
 
     first = train_command(config)  # config.yaml is written after the set-up, just before step 1
     wait_for(lambda: (out / "config.yaml").exists(), first, "config.yaml")
@@ -104,10 +104,7 @@ def test_one_resume_command_survives_a_kill_before_the_first_checkpoint_and_a_si
     assert main(["train", str(config), "--quiet", "--resume"]) == 0  # the third time in this process: cheaper
     assert steps_logged(out) == list(range(1, 41))
 
-    reference = tmp_path / "reference"
-    run(load_config(write_config(tmp_path / "reference.yaml", reference, steps=40, checkpoint_every=10,
-                                 log_every=1)), progress=False)
-    assert_bitwise_equal(adapter(out), adapter(reference))
+    assert_bitwise_equal(adapter(out), finished_run[1])
     assert not (out / LOCK_FILE).exists()
 
 
@@ -133,7 +130,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished 8-step run with checkpoints at steps 4 and 8, and its adapter."""
+    """A finished 40-step run, uninterrupted, with checkpoints at steps 20, 30 and 40, and its adapter."""
     folder = tmp_path_factory.mktemp("finished")
     config = load_config(write_config(folder / "config.yaml", folder / "out"))
     run(config, progress=False)
@@ -145,12 +142,12 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, finished_
     out = tmp_path / "out"
     config = load_config(write_config(tmp_path / "config.yaml", out))
     run(config, progress=False)
-    for blob in (out / "checkpoints" / "8" / "state").rglob("d/*"):  # the arrays' data, cut short
+    for blob in (out / "checkpoints" / "40" / "state").rglob("d/*"):  # the arrays' data, cut short
         blob.write_bytes(blob.read_bytes()[: len(blob.read_bytes()) // 2])
-    with pytest.warns(PeftWarning, match=rf"checkpoint {out / 'checkpoints' / '8'} cannot be read back; moved to "
-                                         rf"{out / CORRUPT_DIR / '8'}, resuming from step 4"):
+    with pytest.warns(PeftWarning, match=rf"checkpoint {out / 'checkpoints' / '40'} cannot be read back; moved to "
+                                         rf"{out / CORRUPT_DIR / '40'}, resuming from step 30"):
         result = run(config, resume=True, progress=False)
-    assert result["steps"] == 8 and checkpoint_steps(out / "checkpoints") == [4, 8]
+    assert result["steps"] == 40 and checkpoint_steps(out / "checkpoints") == [20, 30, 40]
     assert_bitwise_equal(adapter(out), expected)
 
 
@@ -197,10 +194,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_at_the_second_save)
     out = tmp_path / "out"
     config = load_config(write_config(tmp_path / "config.yaml", out))
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 8 to .*No space left on device.*"
-                                              r"the previous checkpoint, step 4, is intact"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 20 to .*No space left on device.*"
+                                              r"the previous checkpoint, step 10, is intact"):
         run(config, progress=False)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["10"]
     assert not (out / "result.json").exists() and not (out / "adapter").exists()
     assert not (out / LOCK_FILE).exists()
     monkeypatch.undo()
