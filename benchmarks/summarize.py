@@ -3,6 +3,7 @@
     python benchmarks/summarize.py bench benchmarks/results/bert_base_cpu.json
     python benchmarks/summarize.py compare benchmarks/results/minilm_*_vs_hf_peft.json
     python benchmarks/summarize.py memory|floor|hlo|casts|scaling <json>
+    python benchmarks/summarize.py nf4-layout benchmarks/results/nf4_layout.json
 
 Every number in ``benchmarks/results/README.md`` comes out of this script, so the
 summary cannot drift from the runs.
@@ -185,8 +186,26 @@ def scaling_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def layout_table(path: Path) -> str:
+    """``benchmarks/nf4_layout.py``'s two layouts side by side."""
+    r = json.loads(path.read_text())
+    names = {"out_in": "(out, in), bitsandbytes'", "in_out": "(in, out), before"}
+    head = ["layout", "step GFLOP (XLA)", "GB accessed (XLA)", "temporaries MB",
+            "HLO dot / transpose / copy / fusion ops", "median step s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, name in names.items():
+        row = r["layouts"][key]
+        ops = " / ".join(str(row["hlo_ops"][op]) for op in ("dot", "transpose", "copy", "fusion"))
+        lines.append(f"| {name} | {row['step_flops'] / 1e9:.3f} | {row['step_bytes_accessed'] / 1e9:.3f} | "
+                     f"{row['temp_bytes'] / 1e6:.1f} | {ops} | {row['median_step_s']:.2f} |")  # fmt: skip
+    low, median, high = r["ratio_quartiles"]
+    lines += ["", f"Per-pair step-time ratio (out, in) / (in, out) over {r['pairs']} pairs: median {median:.3f}, "
+              f"quartiles {low:.3f} and {high:.3f}; load average {r['load_average_1min_after']:.1f} ({r['device']})."]
+    return "\n".join(lines)
+
+
 TABLES = {"memory": memory_table, "floor": floor_tables, "hlo": hlo_table, "casts": casts_table,
-          "scaling": scaling_table}
+          "scaling": scaling_table, "nf4-layout": layout_table}
 
 
 def main() -> None:

@@ -201,7 +201,7 @@ def _layer_floor(layers: _Layers, layer: int, dims: ModelDims, *, c: int, n: int
     # Inputs read from a norm output that is not kept (its input is), or from a layer input that is not.
     readers = {s for s in ("q", "k", "v", "ffn_in", "ffn_gate") if layers.reads_input(layer, s)}
     parallel = layers.wrapper(layer, "after_mlp")
-    if isinstance(parallel, BottleneckAdapter) and parallel.parallel and "after_mlp" in sites:
+    if isinstance(parallel, BottleneckAdapter) and parallel.variant == "parallel" and "after_mlp" in sites:
         readers.add("parallel")
     sources = {_READS[family].get(s) for s in readers}
     for source in sources:

@@ -77,7 +77,7 @@ class BenchSpec:
       batch, seq: examples per step and tokens per example (text models).
       image_size: side of the square images of an image model (default 224).
       dtype: compute dtype, ``fp32`` or ``bf16`` (as ``train.precision``).
-      param_dtype: storage dtype of every parameter, adapters included.
+      param_dtype: storage dtype of the base's parameters (adapter parameters stay float32).
       abstract: shapes only: FLOPs and the memory plan, no allocation, no timing.
       steps, warmup: timed steps and untimed steps before them.
       task: ``classification`` (2 labels), ``causal_lm`` or ``image_classification``
