@@ -53,7 +53,7 @@ TEST_PER_CLASS = 50
 SHOTS = (5, 20, 50, 120)
 SEEDS = (0, 1, 2)
 BATCH = 32
-PRETRAIN_STEPS, PRETRAIN_LR = 600, 3e-3
+PRETRAIN_STEPS, PRETRAIN_LR = 400, 3e-3
 STEPS = 150
 LEARNING_RATES = {"scratch": 3e-3, "feature_extraction": 1e-2, "last_stage": 3e-3, "discriminative": 3e-3,
                   "conv_lora": 3e-3}
@@ -106,7 +106,9 @@ def optimizer_for(arm: str, model: nnx.Module, steps: int) -> peftjax.PeftOptimi
 def build(arm: str, pretrained: pathlib.Path, seed: int) -> nnx.Module:
     if arm == "scratch":
         return models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed))
-    model = models.from_pretrained(pretrained, num_labels=len(TARGET), ignore_mismatched_sizes=True, seed=seed)
+    model = models.from_pretrained(pretrained, seed=seed)
+    # Source and target both have 5 classes, so the checkpoint's head would load; the target gets a new one.
+    model.classifier = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed)).classifier
     if arm == "feature_extraction":
         peftjax.apply(model, peftjax.registered_methods()["linear_probe"]())
     elif arm == "conv_lora":
