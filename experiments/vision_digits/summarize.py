@@ -9,8 +9,11 @@ import argparse
 import collections
 import json
 import pathlib
+import sys
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # mnist_m, beside this file
 
 
 def _groups(rows, keys, value):
@@ -73,6 +76,18 @@ def plot(result: dict, path: pathlib.Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def domain_samples(path: pathlib.Path, count: int = 10) -> None:
+    """The first ``count`` test digits in both domains, source above target."""
+    from PIL import Image
+
+    from mnist_m import domains
+
+    data = domains()
+    rows = [np.concatenate(list(data[f"{name}_test_x"][:count] * 0.5 + 0.5), axis=1) for name in ("source", "target")]
+    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.Resampling.NEAREST).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=pathlib.Path)
@@ -84,6 +99,8 @@ def main() -> None:
     domain_file = args.folder / "mnist_m" / "results.json"
     if domain_file.exists():
         print("\n" + domain_table(json.loads(domain_file.read_text())))
+        domain_samples(domain_file.parent / "samples.png")
+        print(f"samples: {domain_file.parent / 'samples.png'}")
 
 
 if __name__ == "__main__":
