@@ -211,21 +211,6 @@ def test_txt_files_are_causal_lm_data(tmp_path):
         data_lib.load_data(DataConfig(source=str(tmp_path), train_split="train.txt"), data_lib.load_tokenizer("bert-tiny"))
 
 
-def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_next(tmp_path):
-    config = ExperimentConfig.from_dict({"model": {"name": "bert-tiny"}, "data": {"source": "x"}, "train": {"steps": 1},
-                                         "output_dir": str(tmp_path / "run")})
-    unfinished = tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-1"  # a save cut short
-    unfinished.mkdir(parents=True)
-    with pytest.raises(runner.RunError, match="holds no complete checkpoint; nothing to resume.*without --resume"):
-        runner.check_output_dir(config, resume=True)
-    assert runner.check_output_dir(config, resume=False) == tmp_path / "run"
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)  # a complete one
-    with pytest.raises(runner.RunError, match="already holds a run; pass --resume"):
-        runner.check_output_dir(config, resume=False)
-    assert runner.check_output_dir(config, resume=True) == tmp_path / "run"
-
-
 # 6. bench: YAML method names, a legend, MFLOP for tiny models. --------------------------------
 
 

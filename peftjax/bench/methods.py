@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from peftjax.errors import PeftError
+from peftjax.errors import BenchError
 from peftjax.methods.base import MethodConfig, config_from_dict
 
 
@@ -111,7 +111,7 @@ def _parse(name: str) -> tuple[str, dict[str, Any]]:
     if kind not in _DEFAULTS:
         close = difflib.get_close_matches(kind, [*_DEFAULTS, *_OLD_NAMES], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise PeftError(
+        raise BenchError(
             f"unknown benchmark method {name!r}.{hint} Methods are YAML method types ({', '.join(_DEFAULTS)}), "
             "optionally with settings: type:field=value (lora:rank=16, bottleneck:variant=pfeiffer)"
         )
@@ -119,7 +119,7 @@ def _parse(name: str) -> tuple[str, dict[str, Any]]:
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep or not key:
-            raise PeftError(f"benchmark method {name!r}: {setting!r} is not field=value")
+            raise BenchError(f"benchmark method {name!r}: {setting!r} is not field=value")
         parsed[key] = yaml.safe_load(value)
     return kind, parsed
 
@@ -139,7 +139,7 @@ def method_names(spec: str) -> list[str]:
     """``"all"`` or a comma-separated list, checked against the table and spelled as YAML spells them."""
     names = list(ALL_METHODS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise PeftError(f"no benchmark method given; methods are YAML method types: {', '.join(_DEFAULTS)}")
+        raise BenchError(f"no benchmark method given; methods are YAML method types: {', '.join(_DEFAULTS)}")
     return [canonical_name(name) for name in names]
 
 
@@ -148,13 +148,13 @@ def method_config(name: str, model_type: str) -> MethodConfig:
     kind, settings = _parse(canonical_name(name))
     if model_type in CONV_FAMILIES:
         if kind not in _SELECTION_METHODS:
-            raise PeftError(
+            raise BenchError(
                 f"{name} adapts transformer parts (attention, linear projections, token inputs); a {model_type} has "
                 f"convolutions and one linear head, so the benchmark runs {', '.join(_SELECTION_METHODS)} on it"
             )
         targets = None
     elif model_type not in FAMILY_TARGETS:
-        raise PeftError(
+        raise BenchError(
             f"no benchmark targets for model_type {model_type!r}; known: {sorted([*FAMILY_TARGETS, *CONV_FAMILIES])}"
         )
     else:
