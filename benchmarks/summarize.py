@@ -102,7 +102,8 @@ def memory_table(path: Path) -> str:
             ]) + " |")  # fmt: skip
     cfg = result["config"]
     lines.append(f"\nMiniLM-L6, batch {cfg['batch']} x {cfg['seq']}, {cfg['dtype']}, {cfg['steps']} steps per process, "
-                 f"{cfg['repeats']} fresh process pairs per method (median kept), MiB")
+                 f"{cfg['repeats']} fresh process pair{'s' if cfg['repeats'] != 1 else ''} per method"
+                 f"{' (median kept)' if cfg['repeats'] > 1 else ''}{', malloc_trim after building' if cfg.get('trim_after_build') else ''}, MiB")
     return "\n".join(lines)
 
 
