@@ -46,6 +46,7 @@ from peftjax.data import check_data_files
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
 from peftjax.methods.lora import LoraConfig
+from peftjax.rank_search.batched import ADAFACTOR_MIN_DIM_TO_FACTOR
 
 SWEEP_KEY = "sweep"
 MODES = ("batched", "sequential")
@@ -339,7 +340,23 @@ def load_rank_search(path: str | pathlib.Path, overrides: Iterable[str] = ()) ->
     sweep = SweepConfig.from_dict(sections[SWEEP_KEY])
     template_method(config)
     check_metrics(config, sweep)
+    check_optimizer(config, sweep)
     return config, sweep
+
+
+def check_optimizer(config: ExperimentConfig, sweep: SweepConfig) -> None:
+    """Batched members must equal their separate runs. Adafactor factors the second
+    moment of an array whose two largest axes are both at least 128: a member of rank
+    r < 128 padded to R >= 128 would be factored where its own run is not."""
+    large = [r for r in sweep.ranks if r >= ADAFACTOR_MIN_DIM_TO_FACTOR]
+    if sweep.mode == "batched" and config.optim.name == "adafactor" and large and len(sweep.ranks) > 1:
+        raise SweepError(
+            f"Adafactor factors the second moment of arrays with two axes of at least "
+            f"{ADAFACTOR_MIN_DIM_TO_FACTOR}, so batched members padded to rank {max(sweep.ranks)} would not equal "
+            f"their separate runs (ranks {large} are that large). Use sweep.mode: sequential, ranks below "
+            f"{ADAFACTOR_MIN_DIM_TO_FACTOR}, or another optim.name",
+            "sweep.mode",
+        )
 
 
 def model_family(model: nnx.Module) -> str | None:

@@ -43,6 +43,7 @@ from peftjax.core.paths import Targets
 from peftjax.data import BatchLoader
 from peftjax.methods.lora import LoraConfig
 from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
+from peftjax.rank_search.cost import CompileClock, StepShapes
 from peftjax.rank_search.config import (
     Point,
     SweepConfig,
@@ -74,13 +75,16 @@ POINTS_DIR = "points"
 
 @dataclasses.dataclass
 class Timing:
-    """Where one training run's time went."""
+    """Where one training run's time went, and what its training computed."""
 
     setup_s: float = 0.0  # data, model, adapters, optimizer state
-    first_step_s: float = 0.0  # the first step: compilation and one step
-    step_s: float = math.nan  # mean wall time of the later steps
-    train_s: float = 0.0  # all steps
-    eval_s: float = 0.0
+    compile_s: float = 0.0  # tracing, lowering and compiling the step, for every batch shape
+    first_step_s: float = 0.0  # the first step's wall time, its compilation included
+    step_s: float = math.nan  # mean wall time of the later steps, compilation excluded
+    train_s: float = 0.0  # all steps, compilation excluded
+    eval_s: float = 0.0  # evaluation, its compilation excluded
+    eval_compile_s: float = 0.0
+    train_flops: float = 0.0  # XLA's count for the whole program (all members), all steps
 
 
 # ----------------------------------------------------------------------------
@@ -123,34 +127,48 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
 
 
 def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing):
-    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members)."""
+    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members).
+    ``timing`` gets the compilation apart from the steps, and XLA's FLOPs of all steps."""
     batches = loader.iterate()
     losses = []
-    started = time.perf_counter()
-    state, metrics = step_fn(state, global_batch(next(batches), mesh))
-    losses.append(metrics["loss"])
-    jax.block_until_ready(metrics["loss"])
-    timing.first_step_s = time.perf_counter() - started
-    later = time.perf_counter()
-    for _ in range(total_steps - 1):
-        state, metrics = step_fn(state, global_batch(next(batches), mesh))
+    shapes = StepShapes()
+    with CompileClock() as clock:
+        started = time.perf_counter()
+        batch = global_batch(next(batches), mesh)
+        shapes.add(batch)
+        state, metrics = step_fn(state, batch)
         losses.append(metrics["loss"])
-    jax.block_until_ready(losses[-1])
-    now = time.perf_counter()
+        jax.block_until_ready(metrics["loss"])
+        timing.first_step_s = time.perf_counter() - started
+        later, compiled_before = time.perf_counter(), clock.seconds
+        for _ in range(total_steps - 1):
+            batch = global_batch(next(batches), mesh)
+            shapes.add(batch)
+            state, metrics = step_fn(state, batch)
+            losses.append(metrics["loss"])
+        jax.block_until_ready(losses[-1])
+        now = time.perf_counter()
     if total_steps > 1:
-        timing.step_s = (now - later) / (total_steps - 1)
-    timing.train_s = now - started
+        timing.step_s = (now - later - (clock.seconds - compiled_before)) / (total_steps - 1)
+    timing.compile_s = clock.seconds
+    timing.train_s = now - started - clock.seconds
+    timing.train_flops = shapes.total_flops(lambda example: step_fn.lower(state, example))
     return state, np.asarray(jax.device_get(losses), np.float64)
 
 
-def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh) -> dict[str, float]:
-    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them."""
+def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh, timing: Timing) -> dict[str, float]:
+    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them;
+    adds the time taken to ``timing`` (evaluation and its compilation apart)."""
     scores = {}
-    for split in ("eval", "test"):
-        if split in prep.task.splits:
-            loader = prep.task.eval_loader(config.train.eval_batch_size, split)
-            found = evaluate(model, loader, prep.loss_fn, mesh)
-            scores.update({f"{split}_{k}": v for k, v in found.items()})
+    started = time.perf_counter()
+    with CompileClock() as clock:
+        for split in ("eval", "test"):
+            if split in prep.task.splits:
+                loader = prep.task.eval_loader(config.train.eval_batch_size, split)
+                found = evaluate(model, loader, prep.loss_fn, mesh)
+                scores.update({f"{split}_{k}": v for k, v in found.items()})
+    timing.eval_s += time.perf_counter() - started - clock.seconds
+    timing.eval_compile_s += clock.seconds
     return scores
 
 
