@@ -42,7 +42,14 @@ from peftjax.core.inject import delete_adapter
 from peftjax.core.paths import Targets
 from peftjax.data import BatchLoader
 from peftjax.methods.lora import LoraConfig
-from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
+from peftjax.rank_search.batched import (
+    ADAPTER_NAME,
+    BatchedTrainStep,
+    Member,
+    build_batched_state,
+    member_adafactor,
+    member_factors,
+)
 from peftjax.rank_search.cost import CompileClock, StepShapes
 from peftjax.rank_search.config import (
     Point,
@@ -117,7 +124,7 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
         for seed in sweep.seeds
         for target_set in target_sets
         for rank in sweep.ranks
-        for lr in sweep.rates_for(rank, default_lr)
+        for lr in sweep.rates_for(rank, default_lr, target_set.name)
     ]
 
 
@@ -225,8 +232,12 @@ def _result(
         "step_time_per_member_s": timing.step_s / members,
         "first_step_s": timing.first_step_s,
         "setup_s": timing.setup_s,
+        "compile_s": timing.compile_s,
         "train_s": timing.train_s,
         "eval_s": timing.eval_s,
+        "eval_compile_s": timing.eval_compile_s,
+        "train_flops": timing.train_flops / members,  # this point's share of its program's
+        "program_train_flops": timing.train_flops,
         "peak_memory_bytes": runner.peak_memory_bytes(),
     }
     for energy in ENERGIES:
@@ -278,7 +289,8 @@ def run_batched(
                 members = [Member(p.rank, p.learning_rate) for p in chunk]
 
                 def make_tx(lr: float, _prep=prep):
-                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
+                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps,
+                                                  adafactor=member_adafactor)
 
                 shape_key = (target_set.name, max(m.rank for m in members), len(members))  # same program
                 step_fn, static = steps.get(shape_key, (None, None))
@@ -291,10 +303,9 @@ def run_batched(
                     steps[shape_key] = (step_fn, state.static)
                 state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
                 for index, point in enumerate(chunk):
-                    started = time.perf_counter()
                     model = state.member(index).model()
-                    metrics = _evaluate_splits(model, prep, config, mesh)
-                    timing_i = dataclasses.replace(timing, eval_s=time.perf_counter() - started)
+                    timing_i = dataclasses.replace(timing)
+                    metrics = _evaluate_splits(model, prep, config, mesh, timing_i)
                     factors = member_factors(model)
                     yield _result(point, target_set, template, counts[index], metrics, losses[:, index], timing_i,
                                   mode="batched", program=f"batched-s{seed}-{target_set.name}-{chunk_index}",
@@ -326,10 +337,8 @@ def run_sequential(
         timing.setup_s = time.perf_counter() - started
         step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
         state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
-        started = time.perf_counter()
         model = state.model()
-        metrics = _evaluate_splits(model, prep, cfg, mesh)
-        timing.eval_s = time.perf_counter() - started
+        metrics = _evaluate_splits(model, prep, cfg, mesh, timing)
         log(f"sequential {point.name}: first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step")
         yield _result(point, target_set, template, counts, metrics, losses, timing, mode="sequential",
                       program=point.name, members=1, factors=member_factors(model))
@@ -343,12 +352,13 @@ CSV_COLUMNS = (
     "mode", "target_set", "targets", "modules", "rank", "alpha", "scale", "seed", "learning_rate",
     "trainable_params", "total_params", "eval_accuracy", "eval_loss", "test_accuracy", "test_loss",
     "final_train_loss", "finite", "steps", "members_in_program", "step_time_s", "step_time_per_member_s",
-    "first_step_s", "setup_s", "train_s", "eval_s", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
+    "first_step_s", "setup_s", "compile_s", "train_s", "eval_s", "eval_compile_s", "train_flops",
+    "program_train_flops", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
 )  # fmt: skip
 
 
-def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
-    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)]
+def write_csv(path: pathlib.Path, rows: Sequence[dict], extra_columns: Sequence[str] = ()) -> None:
+    columns = [c for c in (*extra_columns, *CSV_COLUMNS) if any(c in r for r in rows)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
@@ -421,10 +431,7 @@ def run_rank_search(
         programs = _unique_programs(rows)
         timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
                         "load_after": _machine_load(), "programs": len(programs),
-                        "first_step_s_total": float(sum(r["first_step_s"] for r in programs)),
-                        "train_s_total": float(sum(r["train_s"] for r in programs)),
-                        "setup_s_total": float(sum(r["setup_s"] for r in programs)),
-                        "eval_s_total": float(sum(r["eval_s"] for r in rows))}
+                        **program_totals(rows)}
         rows_by_mode[mode] = rows
         log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
         if len(rows_by_mode) == 2:
@@ -485,6 +492,19 @@ def _without_spectra(row: dict[str, Any]) -> dict[str, Any]:
 def _unique_programs(rows: Sequence[dict]) -> list[dict]:
     """One row per trained program (members of a batched program share its timing)."""
     return list({row["program"]: row for row in rows}.values())
+
+
+def program_totals(rows: Sequence[dict]) -> dict[str, float]:
+    """Time and FLOPs of the programs that trained ``rows``: setup, compilation, steps and
+    FLOPs once per program; evaluation and its compilation per row."""
+    programs = _unique_programs(rows)
+    per_program = ("first_step_s", "setup_s", "compile_s", "train_s")
+    totals = {f"{key}_total": float(sum(r[key] for r in programs)) for key in per_program}
+    totals["eval_s_total"] = float(sum(r["eval_s"] for r in rows))
+    totals["eval_compile_s_total"] = float(sum(r["eval_compile_s"] for r in rows))
+    totals["train_flops_total"] = float(sum(r["program_train_flops"] for r in programs))
+    totals["optimizer_steps_total"] = int(sum(r["steps"] * r["members_in_program"] for r in programs))
+    return totals
 
 
 def _finite_or_null(value: Any) -> Any:
