@@ -271,3 +271,15 @@ def test_exported_allocation(trained_both_ways):
     for name, rank in ranks.items():
         if rank:
             assert getattr(toy, name).lora_a.shape[-1] == rank
+
+
+def test_bad_adalora_input_is_refused():
+    from peftjax.errors import PeftError
+    from peftjax.rank_search.config import SweepConfig, SweepError
+
+    with pytest.raises(PeftError, match=r"target_rank=16: must be at most init_rank=12"):
+        ours_config(init_rank=12, target_rank=16)
+    with pytest.raises(PeftError, match=r"initial_steps=10: leaves no steps to prune in"):
+        ours_config(total_steps=20, initial_steps=10, final_steps=10)
+    with pytest.raises(SweepError, match=r"sweep\.adalora: .*target_rank=9: must be at most init_rank=4"):
+        SweepConfig.from_dict({"ranks": [1], "searches": ["adalora"], "adalora": {"init_rank": 4, "target_rank": 9}})
