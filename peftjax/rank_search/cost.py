@@ -23,10 +23,11 @@ from typing import Any
 import jax
 
 # jax's own names for the phases of compiling a jitted call (jax._src.dispatch).
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 COMPILE_EVENTS = frozenset({
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
+    BACKEND_COMPILE,
 })
 
 _running: list[CompileClock] = []
@@ -39,14 +40,18 @@ def _on_event(event: str, duration_secs: float, **_: Any) -> None:
         with _lock:
             for clock in _running:
                 clock.seconds += duration_secs
+                clock.compiles += event == BACKEND_COMPILE
 
 
 class CompileClock:
     """``with CompileClock() as clock: ...``; ``clock.seconds`` is the compilation
-    time inside the block (so far, while it runs). Clocks may nest."""
+    time inside the block (so far, while it runs) and ``clock.compiles`` the
+    number of programs built in it (compiled by XLA, or read from JAX's
+    persistent compilation cache). Clocks may nest."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.compiles = 0
 
     def __enter__(self) -> CompileClock:
         global _listening

@@ -11,49 +11,6 @@ from peftjax.cli import main
 from peftjax.rank_search.report import write_report
 from test_sweep_config import TINY
 
-CONFIG = {
-    **TINY,
-    "train": {**TINY["train"], "steps": 3},
-    "sweep": {**TINY["sweep"], "ranks": [2, 8]},
-}
-
-
-def test_rank_search_command_writes_results_report_and_plots(tmp_path, capsys):
-    out = tmp_path / "out"
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(out)}))
-    assert main(["rank-search", str(path), "--quiet"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["points"] == 2 and printed["pareto"]
-
-    rows = list(csv.DictReader((out / "rank_search.csv").open()))
-    assert [(r["target_set"], int(r["rank"]), int(r["seed"])) for r in rows] == [("qv", 2, 0), ("qv", 8, 0)]
-    assert all(r["mode"] == "batched" and r["members_in_program"] == "2" and r["peak_memory_bytes"] == "" for r in rows)
-    # bert-tiny: 2 layers x (query, value), each (32 x r + r x 32), plus the 32 x 2 head and its bias.
-    assert [int(r["trainable_params"]) for r in rows] == [4 * 64 * r + 66 for r in (2, 8)]
-    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 and float(r["step_time_s"]) > 0 for r in rows)
-
-    payload = json.loads((out / "rank_search.json").read_text())
-    assert payload["command"].startswith("peftjax rank-search") and len(payload["rows"]) == 2
-    assert [s["rank"] for s in payload["summary"]] == [2, 8] and payload["rows"][0]["peak_memory_bytes"] is None
-    assert payload["target_sets"] == {"qv": ["query", "value"]}
-    assert payload["similarity"]["across_ranks"][0]["modules"] == 4
-    assert {p.name for p in (out / "plots").iterdir()} >= {"metric_vs_rank.png", "pareto.png", "spectra.png",
-                                                             "effective_rank.png", "similarity.png"}
-    assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in ("pareto.png", "spectra.png"))
-    assert len(list((out / "points").glob("*.npz"))) == 2
-    report = (out / "report.md").read_text()
-    for heading in ("## test_accuracy by rank and target set", "## Pareto front", "## Spectrum and effective rank",
-                    "## Subspace similarity", "## Timing"):
-        assert heading in report
-    # The report is a function of the JSON alone: rewriting it from the file gives the same text.
-    assert write_report(payload, out).read_text() == report
-
-    # A second run into the same folder needs --overwrite.
-    assert main(["rank-search", str(path), "--quiet"]) == 2
-    assert "already holds a rank search" in capsys.readouterr().err
-
-
 COMPARISON = {
     **TINY,
     "model": {"name": "bert-tiny", "options": {"num_hidden_layers": 1}},
@@ -65,20 +22,40 @@ COMPARISON = {
 }
 
 
-def test_comparison_command_runs_every_search_on_the_same_budget(tmp_path, capsys):
+def test_rank_search_command_compares_every_search_and_writes_results_report_and_plots(tmp_path, capsys):
+    """One run of the command serves both: the grid's files, and the searches on its data and budget."""
     out = tmp_path / "out"
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump({**COMPARISON, "output_dir": str(out)}))
     assert main(["rank-search", str(path), "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
+    assert printed["points"] == 2 and printed["pareto"]
     assert [(c["search"], c["target_set"]) for c in printed["comparison"]] == [
         ("grid", "qv"), ("dylora", "qv"), ("adalora", "qv"), ("pilot", "qv")]
 
+    # The grid.
+    rows = list(csv.DictReader((out / "rank_search.csv").open()))
+    assert [(r["target_set"], int(r["rank"]), int(r["seed"])) for r in rows] == [("qv", 1, 0), ("qv", 2, 0)]
+    assert all(r["mode"] == "batched" and r["members_in_program"] == "2" and r["peak_memory_bytes"] == "" for r in rows)
+    # One layer, query and value: 2 modules of 32 x r + r x 32, and the 32 x 2 head and its bias.
+    assert [int(r["trainable_params"]) for r in rows] == [2 * 64 * r + 66 for r in (1, 2)]
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 and float(r["step_time_s"]) > 0 for r in rows)
+
     payload = json.loads((out / "rank_search.json").read_text())
+    assert payload["command"].startswith("peftjax rank-search") and len(payload["rows"]) == 2
+    assert [s["rank"] for s in payload["summary"]] == [1, 2] and payload["rows"][0]["peak_memory_bytes"] is None
+    assert payload["target_sets"] == {"qv": ["query", "value"]}
+    assert payload["similarity"]["across_ranks"][0]["modules"] == 2
+    assert {p.name for p in (out / "plots").iterdir()} >= {"metric_vs_rank.png", "pareto.png", "spectra.png",
+                                                             "effective_rank.png", "similarity.png", "comparison.png"}
+    assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+               for name in ("pareto.png", "spectra.png", "comparison.png"))
+    assert len(list((out / "points").glob("*.npz"))) >= 2
+
+    # The searches, on the grid's budget.
     rows = payload["search_rows"]
     assert [(r["search"], r["rank"]) for r in rows] == [("dylora", 1), ("dylora", 2), ("adalora", 1), ("pilot", 1)]
-    assert all(r["steps"] == 4 for r in rows + payload["rows"])  # the grid's budget
-    # One layer, query and value: 2 modules of 32 x r + r x 32, and the 32 x 2 head.
+    assert all(r["steps"] == 4 for r in rows + payload["rows"])
     dylora = [r for r in rows if r["search"] == "dylora"]
     assert [r["trainable_params"] for r in dylora] == [2 * 64 * r + 66 for r in (1, 2)]
     adalora, pilot = rows[2], rows[3]
@@ -96,7 +73,12 @@ def test_comparison_command_runs_every_search_on_the_same_budget(tmp_path, capsy
         assert entry["train_flops"] > 0 and entry["compile_s"] > 0 and entry["wall_s"] > entry["compile_s"]
     report = (out / "report.md").read_text()
     for heading in ("## Searches on the same data and budget", "### Every rank: trained alone (grid) or read off",
-                    "### Allocations", "## test_accuracy by rank and target set", "## Timing"):
+                    "### Allocations", "## test_accuracy by rank and target set", "## Pareto front",
+                    "## Spectrum and effective rank", "## Subspace similarity", "## Timing"):
         assert heading in report
-    assert (out / "plots" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # The report is a function of the JSON alone: rewriting it from the file gives the same text.
     assert write_report(payload, out).read_text() == report
+
+    # A second run into the same folder needs --overwrite.
+    assert main(["rank-search", str(path), "--quiet"]) == 2
+    assert "already holds a rank search" in capsys.readouterr().err
