@@ -33,16 +33,16 @@ import numpy as np
 from peftjax.config import ExperimentConfig
 from peftjax.rank_search.config import SweepConfig, TargetSet, higher_is_better
 from peftjax.rank_search.searches import SEARCH_RUNNERS
+from peftjax.rank_search.progress import POINTS_DIR, SweepProgress
 from peftjax.rank_search.sweep import (
-    POINTS_DIR,
     RESULTS_JSON,
     _json_default,
     _finite_or_null,
     _without_spectra,
-    check_output_dir,
     program_totals,
     run_rank_search,
     validate_against_model,
+    writable_output_dir,
     write_csv,
 )
 
@@ -133,19 +133,25 @@ def run_comparison(
     sweep: SweepConfig,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     log: Callable[[str], None] = print,
     command: str | None = None,
     report: bool = True,
 ) -> dict[str, Any]:
-    """The grid (if listed) and every other search of ``sweep.searches``; returns the JSON payload."""
+    """The grid (if listed) and every other search of ``sweep.searches``; returns the JSON payload.
+    With ``resume`` the grid's finished points are read back (``run_rank_search``); the other
+    searches train again."""
     out = pathlib.Path(config.output_dir)
     if "grid" in sweep.searches:
-        payload = run_rank_search(config, sweep, overwrite=overwrite, report=False, log=log, command=command)
+        payload = run_rank_search(config, sweep, overwrite=overwrite, resume=resume, report=False, log=log,
+                                  command=command)
         target_sets = [TargetSet(name, targets if isinstance(targets, str) else tuple(targets))
                        for name, targets in payload["target_sets"].items()]
         grid_rows = payload["rows"]
     else:
-        out = check_output_dir(config, overwrite=overwrite)
+        out = writable_output_dir(config)
+        SweepProgress(out, config, sweep, resume=resume, overwrite=overwrite,  # refuses another search's folder
+                      finished_results=(out / RESULTS_JSON).exists())
         target_sets = validate_against_model(config, sweep)
         payload = {"command": command, "config": config.to_dict(), "sweep": sweep.to_dict(), "rows": [],
                    "target_sets": {t.name: t.targets if isinstance(t.targets, str) else list(t.targets)

@@ -321,6 +321,11 @@ def _timing_lines(payload: dict) -> list[str]:
                   "evaluation) is measured from JAX's compile events and excluded from the training and evaluation "
                   "columns. Training FLOPs are XLA's count of the compiled step, summed over the steps taken (a "
                   "batched program's FLOPs are all its members')."]
+    reused = {mode: timing[mode].get("points_reused", 0) for mode in ("batched", "sequential") if mode in timing}
+    if any(reused.values()):
+        counts = ", ".join(f"{mode}: {n}" for mode, n in reused.items() if n)
+        lines += ["", f"Resumed: the wall times cover this invocation alone; points read back from an earlier, "
+                      f"interrupted one ({counts}) keep their own step and setup times."]
     if "batched_over_sequential" in timing:
         lines += ["", f"**Wall-time ratio batched / sequential: {timing['batched_over_sequential']:.3f}** "
                       "(the same points, one invocation)."]
