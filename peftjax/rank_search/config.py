@@ -373,9 +373,10 @@ class SweepConfig:
             "mode": self.mode,
             "max_members": self.max_members,
             "searches": list(self.searches),
-            "dylora": dataclasses.asdict(self.dylora),
-            "adalora": dict(self.adalora),
-            "pilot": dataclasses.asdict(self.pilot),
+            # A search's settings only where it runs: a grid sweep's record (and resume check) is the grid's.
+            **{name: section for name, section in (("dylora", dataclasses.asdict(self.dylora)),
+                                                   ("adalora", dict(self.adalora)),
+                                                   ("pilot", dataclasses.asdict(self.pilot))) if name in self.searches},
         }
 
     @property

@@ -183,12 +183,11 @@ def _setup_lines(payload: dict) -> list[str]:
     ]
     searches = [s for s in sweep.get("searches", ["grid"]) if s != "grid"]
     if searches:
-        detail = {"dylora": f"DyLoRA r_max {sweep['dylora']['max_rank']} (b uniform from {sweep['dylora']['min_rank']})",
-                  "adalora": f"AdaLoRA {sweep['adalora']}",
-                  "pilot": f"pilot allocation of mean rank {sweep['pilot']['mean_rank']} from rank "
-                           f"{sweep['pilot']['rank']} spectra"}
+        detail = {"dylora": lambda d: f"DyLoRA r_max {d['max_rank']} (b uniform from {d['min_rank']})",
+                  "adalora": lambda d: f"AdaLoRA {d}",
+                  "pilot": lambda d: f"pilot allocation of mean rank {d['mean_rank']} from rank {d['rank']} spectra"}
         lines.append("- also searched, on the same data, steps, optimizer and rates: "
-                     + "; ".join(detail[s] for s in searches))
+                     + "; ".join(detail[s](sweep[s]) for s in searches))
     if payload.get("command"):
         lines.insert(0, f"- command: `{payload['command']}`")
     return lines

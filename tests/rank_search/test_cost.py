@@ -15,13 +15,13 @@ def layer(w, x):
 
 def test_compile_clock_sees_the_first_call_of_each_shape_only():
     step = jax.jit(jax.grad(layer))
-    w = jnp.ones((16, 16))
+    w, four, eight = jnp.ones((16, 16)), jnp.ones((4, 16)), jnp.ones((8, 16))  # made outside: jnp.ones compiles too
     with CompileClock() as first:
-        step(w, jnp.ones((4, 16))).block_until_ready()
+        step(w, four).block_until_ready()
     with CompileClock() as again:
-        step(w, jnp.ones((4, 16))).block_until_ready()
+        step(w, four).block_until_ready()
     with CompileClock() as outer, CompileClock() as inner:
-        step(w, jnp.ones((8, 16))).block_until_ready()
+        step(w, eight).block_until_ready()
     assert first.seconds > 0 and first.compiles == 1
     assert again.seconds == 0 and again.compiles == 0
     assert outer.seconds == inner.seconds > 0 and outer.compiles == inner.compiles == 1  # nested clocks both count
