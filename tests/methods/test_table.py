@@ -149,10 +149,6 @@ ROWS += [
            lambda m: lora_count(2, (2 * bert(m)[0], bert(m)[1], bert(m)[1])), identity_to_disabled=True),
     Row.of("loraplus-toy", "toy", LoraConfig(rank=4, targets=["query", "value"], loraplus_lr_ratio=16.0),
            lambda m: lora_count(4, (4, 16, 16)), mergeable=True),
-    # Per-module ranks: both queries at 5, both values at the default 2.
-    Row.of("lora-toy-rank-pattern", "toy", LoraConfig(rank=2, targets=["query", "value"], rank_pattern={"query": 5},
-                                                      alpha_pattern={r"layers\.1\.value": 32.0}),
-           lambda m: lora_count(5, (2, 16, 16)) + lora_count(2, (2, 16, 16)), mergeable=True),
     # AdaLoRA: A, B and r singular values per layer (E starts at zero: the identity).
     Row.of("adalora-toy", "toy", peftjax.AdaLoraConfig(init_rank=4, target_rank=2, total_steps=10,
                                                        targets=["query", "value"]),
