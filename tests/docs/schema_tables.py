@@ -17,7 +17,7 @@ from typing import Any, Literal
 import peftjax
 from peftjax import config as config_lib
 from peftjax.methods.base import MethodConfig
-from peftjax.rank_search.config import SweepConfig, TargetSet
+from peftjax.rank_search.config import DyLoraSearch, PilotSearch, SweepConfig, TargetSet
 from peftjax.schema import FrozenDict, Section
 from peftjax.strategies import registered_strategies
 
@@ -29,6 +29,8 @@ SECTIONS = {
     "ScheduleConfig": config_lib.ScheduleConfig,
     "TrainLoopConfig": config_lib.TrainLoopConfig,
     "SweepConfig": SweepConfig,
+    "DyLoraSearch": DyLoraSearch,
+    "PilotSearch": PilotSearch,
     "methods": MethodConfig,  # the fields every method has
 }
 
@@ -56,7 +58,7 @@ def render_type(hint: Any) -> str:
         return f"list of {render_type(args[0])}"
     if origin is collections.abc.Mapping:
         return f"mapping of {render_type(args[0])} to {render_type(args[1])}"
-    if isinstance(hint, type) and issubclass(hint, Section):
+    if isinstance(hint, type) and (issubclass(hint, Section) or dataclasses.is_dataclass(hint)):
         return "section"
     raise AssertionError(f"no rendering for the type hint {hint!r}")
 
@@ -72,7 +74,7 @@ def render_value(value: Any) -> str:
         return "{" + ", ".join(f"{k}: {render_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, TargetSet):
         return value.name
-    if isinstance(value, Section):
+    if isinstance(value, Section) or dataclasses.is_dataclass(value):
         return "(its defaults)"
     return str(value)
 
