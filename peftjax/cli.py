@@ -59,7 +59,7 @@ def _log_line(line: str) -> None:
 
 
 def _rank_search(args) -> int:
-    from peftjax.rank_search import load_rank_search, run_rank_search
+    from peftjax.rank_search import SweepError, load_rank_search, run_comparison, run_rank_search
 
     config, sweep = load_rank_search(args.config, args.overrides)
     if args.mode:
@@ -68,12 +68,21 @@ def _rank_search(args) -> int:
     flags += ["--compare-sequential"] if args.compare_sequential else []
     flags += ["--resume"] if args.resume else []
     command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
-    payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
-                              resume=args.resume,
-                              log=(lambda line: None) if args.quiet else _log_line, command=command)
+    log = (lambda line: None) if args.quiet else _log_line
+    if sweep.searches == ("grid",):
+        payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
+                                  resume=args.resume, log=log, command=command)
+    elif args.compare_sequential:
+        raise SweepError("--compare-sequential times the grid alone; drop it or set sweep.searches: [grid]",
+                         "sweep.searches")
+    else:
+        payload = run_comparison(config, sweep, overwrite=args.overwrite, resume=args.resume, log=log,
+                                 command=command)
+    picked = [{k: e.get(k) for k in ("search", "target_set", "picked_rank", "mean", "points_from_grid_best",
+                                     "flops_fraction_of_grid")} for e in payload.get("comparison", {}).get("entries", [])]
     print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
-                      "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
-                     indent=2))
+                      "pareto": payload.get("pareto"), "timing_ratio": payload.get("timing", {}).get(
+                          "batched_over_sequential"), "comparison": picked}, indent=2))
     return 0
 
 

@@ -42,8 +42,8 @@ from flax import nnx
 
 import peftjax
 from peftjax import models
-from peftjax.data.digits import load_digits
 from peftjax.core.paths import dotted
+from peftjax.data.digits import load_digits
 from peftjax.models.resnet import ResNetConfig
 from peftjax.train.tasks import loss_and_stats
 

@@ -125,14 +125,18 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def build_optimizer(config: ExperimentConfig, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+    config: ExperimentConfig, total_steps: int, *, adafactor: Callable = optax.adafactor
+) -> optax.GradientTransformation:
+    """``config.optim`` with its schedule and clipping. ``adafactor(lr)`` builds Adafactor
+    (the rank search's batched mode passes one that counts each member's own entries)."""
     o = config.optim
     lr = learning_rate_schedule(config, total_steps)
     make = {
         "adamw": lambda: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
         "adam": lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
         "sgd": lambda: optax.sgd(lr, momentum=o.momentum or None),
-        "adafactor": lambda: optax.adafactor(lr),
+        "adafactor": lambda: adafactor(lr),
         "lion": lambda: optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     }
     tx = make[o.name]()
