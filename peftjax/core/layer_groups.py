@@ -29,7 +29,7 @@ How the groups are found:
 * ``final`` holds the modules with the remaining parameters of the model
   that holds the blocks (``bert.pooler``, ``model.norm``, ``vit.layernorm``):
   each is the child of the deepest module that holds both it and the blocks.
-  A training strategy's own module (at the root) is in no group.
+  The training strategies' own modules (``STRATEGY_MODULES``) are in no group.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ from flax import nnx
 
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
+
+# The attribute of the model's root module that holds the training strategies' own modules.
+STRATEGY_MODULES = "training_strategies"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _final(model: nnx.Module, blocks: tuple, grouped: Sequence[str]) -> tuple[st
             continue
         module = path[:-1]
         shared = next(d for d in range(len(blocks), -1, -1) if _holds(blocks[:d], module))
-        if 0 < shared < len(module):
+        if shared < len(module) and module[0] != STRATEGY_MODULES:
             found[dotted(module[: shared + 1])] = None
     return tuple(found)
 

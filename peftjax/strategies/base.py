@@ -69,6 +69,7 @@ from flax import nnx
 
 from peftjax.config import DataConfig
 from peftjax.core.labels import PeftOptimizer, RateGroup, make_optimizer
+from peftjax.core.layer_groups import STRATEGY_MODULES
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 from peftjax.methods.base import LabelRule
@@ -76,9 +77,6 @@ from peftjax.models.common import ModelOutput
 from peftjax.schema import ConfigError, Section
 from peftjax.train.session import MAIN, Run, RunInfo
 from peftjax.train.tasks import LogitsLoss, logits_loss, model_output, pooled_features
-
-# The attribute of the model's root module that holds the strategies' own modules.
-STRATEGY_MODULES = "training_strategies"
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 

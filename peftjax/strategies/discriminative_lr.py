@@ -51,7 +51,7 @@ class DiscriminativeLrConfig(Strategy):
         groups = layer_groups(model)
         body = [group.name for group in groups if group.kind != "head"]
         top = len(body) - 1
-        found = {name: self.factor ** -(top - level) for level, name in enumerate(body)}
+        found = {name: 1.0 / self.factor ** (top - level) for level, name in enumerate(body)}
         return {**found, **{group.name: self.head for group in groups if group.kind == "head"}}
 
     def rate_groups(self, model: nnx.Module, stage: int) -> list[RateGroup]:
