@@ -125,6 +125,16 @@ def diagonal_fisher(
     return fisher, int(count)
 
 
+def _architecture(model: nnx.Module) -> dict[str, Any]:
+    """What identifies the model's architecture: its config (transformers' form) less the
+    head's size and labels, which a later task may change; empty for a model without one."""
+    to_hf_dict = getattr(getattr(model, "config", None), "to_hf_dict", None)
+    if to_hf_dict is None:
+        return {}
+    return {k: v for k, v in to_hf_dict().items()
+            if "label" not in k and k not in ("architectures", "dtype", "torch_dtype")}
+
+
 def save_fisher(path: str | os.PathLike, model: nnx.Module, fisher: Mapping[str, np.ndarray], *, examples: int,
                 labels: str, source: str = "") -> pathlib.Path:
     """Writes ``fisher`` and the model's current values of its parameters (the anchors)
@@ -135,7 +145,7 @@ def save_fisher(path: str | os.PathLike, model: nnx.Module, fisher: Mapping[str,
         tensors[f"fisher/{name}"] = np.ascontiguousarray(values, np.float32)
         tensors[f"anchor/{name}"] = np.ascontiguousarray(jax.device_get(params[name].get_value()))
     metadata = {"format": FORMAT, "model": type(model).__name__, "examples": str(examples), "labels": labels,
-                "source": source}
+                "architecture": json.dumps(_architecture(model), sort_keys=True), "source": source}
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
@@ -146,7 +156,8 @@ def save_fisher(path: str | os.PathLike, model: nnx.Module, fisher: Mapping[str,
 
 def load_fisher(path: str | os.PathLike, model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(fisher, anchors)`` by parameter path from a file ``save_fisher`` wrote, checked
-    against ``model``: every parameter it names must be the model's, with its shape."""
+    against ``model``: the same architecture, and every parameter it names the model's,
+    with its shape."""
     path = pathlib.Path(path)
     make = "compute it with `peftjax fisher CONFIG --checkpoint ADAPTER_FOLDER --out FILE` after the earlier task"
     if not path.is_file():
@@ -165,9 +176,12 @@ def load_fisher(path: str | os.PathLike, model: nnx.Module) -> tuple[dict[str, n
     missing = sorted(set(fisher) - set(shapes))
     wrong = [f"{k}: file {fisher[k].shape}, model {shapes[k]}" for k in sorted(set(fisher) & set(shapes))
              if fisher[k].shape != shapes[k] or anchors.get(k, np.empty(0)).shape != shapes[k]]
-    if missing or wrong or fisher.keys() != anchors.keys():
+    theirs, ours = json.loads(metadata.get("architecture", "{}")), _architecture(model)
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if missing or wrong or differ or fisher.keys() != anchors.keys():
         raise PeftError(f"ewc.fisher: {path} was computed for a {metadata.get('model')} that is not this "
-                        f"{type(model).__name__}: parameters it lacks {missing[:5]}, shape mismatches {wrong[:5]}. "
+                        f"{type(model).__name__}: parameters it lacks {missing[:5]}, shape mismatches {wrong[:5]}, "
+                        f"config differences {[f'{k}: {theirs.get(k)} vs {ours.get(k)}' for k in differ][:5]}. "
                         "Compute the Fisher on the model this run starts from, with the same methods applied")
     return fisher, anchors
 
