@@ -203,3 +203,15 @@ def test_slanted_triangular_matches_ulmfits_formula_and_is_a_schedule_choice():
         ScheduleConfig(decay="slanted_triangular", warmup_steps=5)
     with pytest.raises(ConfigError, match=r"cut_frac: must be in \(0, 1\)"):
         ScheduleConfig(decay="slanted_triangular", cut_frac=1.5)
+
+
+def test_counts_and_summary_follow_the_stage_labels():
+    model = toy_model()
+    strategies = build_strategies([{"type": "partial_freeze", "top": 2}, {"type": "discriminative_lr"}])
+    labels = stage_optimizer(model, optax.sgd(1.0), strategies, [0, 0], info=None).labels
+    sizes = {k: v.size for k, v in dotted_leaves(nnx.state(model, nnx.Param)).items()}
+    top_two = sum(n for path, n in sizes.items() if path.startswith(("norm.", "head.")))
+    assert peftjax.count_params(model, labels) == (top_two, sum(sizes.values()))
+    table = peftjax.summary(model, labels)
+    assert f"trainable params: {top_two:,} || all params: {sum(sizes.values()):,}" in table
+    assert "layers.*" in table and "norm" in table
