@@ -18,7 +18,7 @@ import peftjax
 from peftjax.config import ConfigError
 from peftjax.models.common import ModelOutput
 from peftjax.strategies.base import StepContext, attach_modules, build_strategies, stage_optimizer
-from peftjax.strategies.ewc import diagonal_fisher, load_fisher, save_fisher
+from peftjax.strategies.ewc import diagonal_fisher, fisher_parameters, load_fisher, save_fisher
 
 RNG = np.random.default_rng(0)
 
@@ -167,3 +167,20 @@ def test_fisher_of_softmax_regression_is_its_closed_form(labels):
     per_class = p * (1 - p) if labels == "model" else (np.eye(3)[y[:8]] - p) ** 2  # (n, k)
     np.testing.assert_allclose(fisher["linear.kernel"], np.einsum("ni,nk->ik", x64**2, per_class) / 8, rtol=2e-5)
     np.testing.assert_allclose(fisher["linear.bias"], per_class.mean(0), rtol=2e-5)
+
+
+def test_ewc_on_adapters_that_a_later_task_goes_on_training(tmp_path):
+    """Task A's LoRA adapters carry the Fisher; task B trains them on (the same adapters,
+    loaded): the penalty reaches the adapters, and the frozen base adds nothing."""
+    model = ToyStack(rngs=nnx.Rngs(0))
+    peftjax.apply(model, peftjax.LoraConfig(rank=2, targets=["query", "value"], also_train=(r"head\..*",)))
+    lora = {k: v for k, v in flat(nnx.state(model, nnx.Param)).items() if ".lora_" in k}
+    assert sorted(lora) == sorted(k for k in fisher_parameters(model) if ".lora_" in k)
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(path, model, {k: np.full(v.shape, 2.0, np.float32) for k, v in lora.items()}, examples=1, labels="model")
+    (ewc,), state = prepared(model, [{"type": "ewc", "fisher": str(path), "strength": 0.5}])
+    moved = perturbed(state.trainable)
+    value, _, grads = term_and_grads(ewc, state, moved)
+    anchor, now = flat(state.trainable), {k: v.astype(np.float64) for k, v in flat(moved).items()}
+    assert value == pytest.approx(0.5 / 2 * sum(np.sum(2.0 * (now[k] - anchor[k]) ** 2) for k in lora), rel=1e-5)
+    assert sorted(k for k, g in grads.items() if g.any()) == sorted(lora)

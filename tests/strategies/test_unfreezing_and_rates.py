@@ -215,3 +215,14 @@ def test_counts_and_summary_follow_the_stage_labels():
     table = peftjax.summary(model, labels)
     assert f"trainable params: {top_two:,} || all params: {sum(sizes.values()):,}" in table
     assert "layers.*" in table and "norm" in table
+
+
+def test_stages_in_epochs_end_when_every_group_trains():
+    model = toy_model()
+    info = RunInfo(config=None, total_steps=1000, steps_per_epoch=30, batch_size=8, model=model)
+    (strategy,) = build_strategies([{"type": "gradual_unfreeze", "every": 1, "unit": "epochs", "per_stage": 2}])
+    assert strategy.stage_starts(info) == (30, 60), "five groups: the head, then two more per epoch"
+    short = RunInfo(config=None, total_steps=50, steps_per_epoch=30, batch_size=8, model=model)
+    assert strategy.stage_starts(short) == (30,), "a stage past the run's end is left out"
+    with pytest.raises(peftjax.PeftError, match="gradual_unfreeze.start=6: ToyTransformer has 5 layer groups"):
+        build_strategies([{"type": "gradual_unfreeze", "every": 1, "start": 6}])[0].stage_starts(info)
