@@ -184,7 +184,7 @@ def test_global_clipping_uses_the_norm_of_every_label_together():
                                 info=None)
     state = peftjax.TrainState.create(model, optimizer)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), state.trainable)
-    norm = float(optax.global_norm(grads))
+    norm = float(optax.tree.norm(grads))
     updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(state.trainable), state.trainable)
     assert norm > 1.0
     assert all(np.allclose(np.asarray(u), -0.5 * 0.1 / norm, rtol=1e-6) for u in jax.tree.leaves(updates))
