@@ -42,6 +42,7 @@ SEEDS = (0, 1, 2)
 FISHER_EXAMPLES = 1000
 HEAD = ("classifier.kernel", "classifier.bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+LOSS = loss_and_stats("classification")  # one function: its jitted evaluation compiles once
 
 
 def log(line: str) -> None:
@@ -100,17 +101,15 @@ def export_encoder(cfg_a, folder: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def accuracy_on_a(cfg_a, cfg_b, head: dict[str, np.ndarray], *, trained_on_b: bool = True) -> float:
+def accuracy_on_a(task_a, cfg_a, cfg_b, head: dict[str, np.ndarray], *, trained_on_b: bool = True) -> float:
     """A's test accuracy of B's trained encoder (or, not ``trained_on_b``, of the encoder B
     starts from) carrying A's head."""
-    task_a, _ = runner.load_task(cfg_a)
     model = runner.build_model(cfg_b, 2)
     if trained_on_b:
         model = load_adapter(model, pathlib.Path(cfg_b.output_dir) / "adapter")
     model.classifier.kernel[...] = head["classifier.kernel"]
     model.classifier.bias[...] = head["classifier.bias"]
-    scores = evaluate(model, task_a.eval_loader(cfg_a.train.eval_batch_size, "test"),
-                      loss_and_stats("classification"), make_mesh())
+    scores = evaluate(model, task_a.eval_loader(cfg_a.train.eval_batch_size, "test"), LOSS, make_mesh())
     return scores["accuracy"]
 
 
@@ -144,17 +143,18 @@ def main() -> None:
             assert code == 0, "peftjax fisher failed"
             fisher_s.append(time.perf_counter() - started)
         encoder = export_encoder(cfg_a, out / "task_a" / f"encoder_seed{seed}")
+        task_a, _ = runner.load_task(cfg_a)
         for arm, spec in arms.items():
             spec = yaml.safe_load(yaml.safe_dump(spec).replace("{fisher}", str(fisher)))
             cfg_b = config(HERE / "task_b.yaml", [f"output_dir={out / arm / f'seed{seed}'}", f"train.seed={seed}",
                                                   f"model.path={encoder}", f"data.source={domains}", *args.override],
                            spec, name=f"forgetting_b_{arm}")
             if arm == next(iter(arms)):  # the saved encoder with A's head is task A's model
-                exported.append([before, accuracy_on_a(cfg_a, cfg_b, head, trained_on_b=False)])
+                exported.append([before, accuracy_on_a(task_a, cfg_a, cfg_b, head, trained_on_b=False)])
             result_b = trained(cfg_b)
             row = rows[arm]
             row["a_before"].append(before)
-            row["a_after"].append(accuracy_on_a(cfg_a, cfg_b, head))
+            row["a_after"].append(accuracy_on_a(task_a, cfg_a, cfg_b, head))
             row["b"].append(result_b["metrics"]["test_accuracy"])
             row["b_wall_s"].append(result_b["wall_time_s"])
             log(f"  {arm} seed {seed}: A {before:.4f} -> {row['a_after'][-1]:.4f}, B {row['b'][-1]:.4f}")
