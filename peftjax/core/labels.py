@@ -220,7 +220,8 @@ def make_optimizer(
       rules: label rules placed before the methods' rules (see module doc).
       overrides: label rules placed before everything else, keeping the
         catch-all (a training strategy's).
-      transforms: per-label transformations overriding ``tx``.
+      transforms: per-label transformations overriding ``tx`` (inside a
+        ``scheduled`` one's clipping and schedule, like ``tx``'s own update).
       lr_multipliers: per-label factors on the update (a learning-rate
         multiplier for SGD, Adam and AdamW alike); merged over the methods'
         own (LoRA+).
