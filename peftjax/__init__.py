@@ -1,5 +1,6 @@
 """peftjax: parameter-efficient fine-tuning for Flax NNX."""
 
+from peftjax.arithmetic import combine_adapters
 from peftjax.core.counting import ParamCount, count_params, summary
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.inject import (
@@ -36,6 +37,7 @@ __all__ = [
     "TrainStep",
     "applied_methods",
     "apply",
+    "combine_adapters",
     "config_from_dict",
     "count_params",
     "delete_adapter",

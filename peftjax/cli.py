@@ -1,4 +1,5 @@
-"""The ``peftjax`` command: ``train``, ``eval``, ``fisher``, ``rank-search`` and ``bench``."""
+"""The ``peftjax`` command: ``train``, ``eval``, ``fisher``, ``rank-search``, ``bench``,
+``convert-adapter`` and ``combine-adapters``."""
 
 from __future__ import annotations
 
@@ -100,6 +101,36 @@ def _bench(args) -> int:
     return 0
 
 
+def _convert_adapter(args) -> int:
+    from peftjax.core.adapter_io import load_adapter, save_adapter
+    from peftjax.models import from_pretrained
+
+    model = load_adapter(from_pretrained(args.model), args.adapter)
+    print(save_adapter(model, args.out, format=args.format))
+    return 0
+
+
+def _combine_adapters(args) -> int:
+    from peftjax.arithmetic import combine_saved
+    from peftjax.core.adapter_io import save_adapter
+    from peftjax.errors import PeftError
+    from peftjax.models import from_pretrained
+
+    weights = {}
+    for item in args.adapters:
+        folder, _, weight = item.rpartition("=")
+        try:
+            weights[folder] = float(weight)
+        except ValueError:
+            folder = ""
+        if not folder:
+            raise PeftError(f"{item!r}: give each adapter as FOLDER=WEIGHT, e.g. runs/a/adapter=0.5")
+    model = combine_saved(from_pretrained(args.model), weights, combination=args.combination, svd_rank=args.svd_rank,
+                          density=args.density, majority_sign=args.majority_sign, seed=args.seed)
+    print(save_adapter(model, args.out, format=args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
     parser.add_argument("--distributed", action="store_true",
@@ -163,6 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--charts", help="write PNG charts to this folder")
     bench.add_argument("--chart-prefix", help="chart file names' prefix (default: the JSON file's stem)")
     bench.set_defaults(handler=_bench)
+
+    convert = commands.add_parser("convert-adapter", help="rewrite a saved adapter in HF PEFT's format or peftjax's")
+    convert.add_argument("adapter", help="an adapter folder (peftjax's or HF PEFT's)")
+    convert.add_argument("out", help="the folder to write")
+    convert.add_argument("--model", required=True, help="the base model's checkpoint folder")
+    convert.add_argument("--format", choices=("peft", "peftjax"), default="peft")
+    convert.set_defaults(handler=_convert_adapter)
+
+    combine = commands.add_parser("combine-adapters", help="combine saved LoRA adapters into one (weighted)")
+    combine.add_argument("adapters", nargs="+", help="FOLDER=WEIGHT for each adapter (peftjax's or HF PEFT's format)")
+    combine.add_argument("--out", required=True, help="the folder to write the combined adapter to")
+    combine.add_argument("--model", required=True, help="the base model's checkpoint folder")
+    combine.add_argument("--combination", default="svd",
+                         choices=("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"))
+    combine.add_argument("--svd-rank", type=int, help="svd: the result's rank (default: the largest input rank)")
+    combine.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: the share of entries kept")
+    combine.add_argument("--majority-sign", choices=("total", "frequency"), default="total")
+    combine.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
+    combine.add_argument("--format", choices=("peft", "peftjax"), default="peft")
+    combine.set_defaults(handler=_combine_adapters)
     return parser
 
 

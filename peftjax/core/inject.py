@@ -104,8 +104,9 @@ def apply(
 ) -> nnx.Module:
     """Apply a PEFT method to ``model`` in place and return ``model``.
 
-    Selects target modules by dotted path (see ``MethodConfig.targets``),
-    wraps each in the method's wrapper, and records the config on the model.
+    Selects target modules by dotted path (see ``MethodConfig.targets``; left
+    out, the method's defaults for the model's architecture), wraps each in the
+    method's wrapper, and records the config, defaults filled in, on the model.
     Wrapping a module that is already wrapped raises unless ``stack=True``.
     All checks run and every wrapper is built before the model changes.
 
@@ -118,6 +119,7 @@ def apply(
         raise PeftError(f"apply() needs an nnx.Module, got {type(model).__name__}")
     if not isinstance(config, MethodConfig):
         raise PeftError(f"apply() needs a method config (e.g. peftjax.LoraConfig), got {type(config).__name__}")
+    config = config.for_model(model)
     taken = [name for name, _ in applied_methods(model)]
     if adapter_name in taken:
         raise PeftError(f"adapter name {adapter_name!r} is already used on this model ({taken}); pick another")

@@ -38,6 +38,7 @@ class KernelLayout:
     out_axes: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    weight_name = "kernel"  # the layer attribute that holds the kernel
 
     @classmethod
     def of(cls, layer: nnx.Module, *, path: str = "") -> KernelLayout:

@@ -14,6 +14,12 @@ The engine (:func:`peftjax.apply`) selects target modules, checks them against
 ``target_types``, builds every wrapper before changing the model, and records
 the config on the model so labels, counting, merging and saving find it.
 ``peftjax/methods/lora.py`` is the example to copy.
+
+A method that has an HF PEFT counterpart also declares how it maps to HF
+PEFT's files, in its own file: ``hf_peft_type`` and ``to_hf`` / ``from_hf`` on
+the config, ``hf_tensors`` on the wrapper (see ``HfTensor``), and, if HF PEFT
+has default target modules for it, ``default_targets``. The format itself is
+``peftjax.core.hf_peft``'s.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 from flax import nnx
 
-from peftjax.core.paths import Targets, validate_targets
+from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 
@@ -45,6 +52,34 @@ register_method = registrar(_REGISTRY, "method", lambda: MethodConfig)
 def registered_methods() -> dict[str, type[MethodConfig]]:
     """Registered method names and their config classes."""
     return dict(_REGISTRY)
+
+
+def model_type_of(model: nnx.Module) -> str | None:
+    """The Hugging Face ``model_type`` of ``model`` (its ``config.model_type``), if it has one."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+    """How one of a wrapper's variables is stored in an HF PEFT file.
+
+    The torch tensor is the variable transposed by ``axes`` (torch axis i is
+    our axis ``axes[i]``) and then reshaped to ``shape``, which may only add or
+    drop axes of size 1: A (in, r) is ``lora_A.weight`` (r, in) with
+    ``axes=(1, 0)``; an IA3 vector (out,) is ``ia3_l`` (out, 1).
+    """
+
+    attribute: str
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def to_torch(self, value: np.ndarray) -> np.ndarray:
+        return np.transpose(value, self.axes).reshape(self.shape)
+
+    def from_torch(self, value: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        """``value`` in our layout, given our variable's shape ``ours``."""
+        transposed = tuple(ours[a] for a in self.axes)
+        return np.transpose(value.reshape(transposed), np.argsort(self.axes))
 
 
 def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
@@ -74,26 +109,34 @@ class MethodConfig:
         or ``"all-linear"`` (every linear layer but the output head).
       exclude: modules never to wrap, same rules as ``targets``.
       also_train: parameter path regexes that train along with the adapter
-        (a new classification head, say), as HF PEFT's ``modules_to_save``.
+        (a new classification head, say).
       seed: seeds the adapter's random initialisation.
     """
 
     method: ClassVar[str] = ""
     # Module types the method may wrap; empty for methods that only relabel parameters.
     target_types: ClassVar[tuple[type, ...]] = ()
+    # HF PEFT's default target modules per ``model_type`` (its TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING):
+    # with them, ``targets`` may be left out and ``for_model`` fills it in from the model's config.
+    default_targets: ClassVar[Mapping[str, Targets]] = {}
+    # The HF PEFT ``peft_type`` whose adapter_config.json ``from_hf`` reads (None: no HF form).
+    hf_peft_type: ClassVar[str | None] = None
 
     targets: Targets | None = None
-    exclude: tuple[str, ...] = ()
+    exclude: Targets = ()
     also_train: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
-        if self.target_types and self.targets is None:
+        if self.target_types and self.targets is None and not self.default_targets:
             raise PeftError(f"{type(self).__name__}.targets is required: module names, a regex, or 'all-linear'")
+        self.check(self.exclude != ALL_LINEAR, "exclude", "must name modules or be a regex, not 'all-linear'")
         try:
             if self.targets is not None:
                 self._set("targets", validate_targets(self.targets, f"{type(self).__name__}.targets"))
-            self._set("exclude", tuple(self.exclude))
+            # A regex stays a string, not a tuple of its letters.
+            exclude = self.exclude if isinstance(self.exclude, str) or self.exclude else ()
+            self._set("exclude", exclude and validate_targets(exclude, f"{type(self).__name__}.exclude"))
             self._set("also_train", tuple(self.also_train))
         except ValueError as err:
             raise PeftError(str(err)) from None
@@ -106,6 +149,36 @@ class MethodConfig:
         """Raise a ``PeftError`` naming the field, its value and what it must be."""
         if not condition:
             raise PeftError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {requirement}")
+
+    def for_model(self, model: nnx.Module) -> MethodConfig:
+        """This config with ``targets`` filled in from ``default_targets`` for
+        ``model``'s ``config.model_type`` when it was left out (what ``apply`` records)."""
+        if self.targets is not None or not self.target_types:
+            return self
+        return dataclasses.replace(self, targets=self.architecture_default(model, self.default_targets, "targets"))
+
+    def architecture_default(self, model: nnx.Module, table: Mapping[str, Any], field: str) -> Any:
+        """``table``'s entry for ``model``'s ``config.model_type``; the error asks for ``field``."""
+        model_type = model_type_of(model)
+        if model_type not in table:
+            raise PeftError(
+                f"{type(self).__name__}.{field} has no default for {type(model).__name__} (model_type "
+                f"{model_type!r}); defaults exist for {sorted(table)}. Give {field} (module names or a regex)."
+            )
+        return table[model_type]
+
+    def to_hf(self, names) -> dict[str, Any]:
+        """The method's own fields of an HF PEFT ``adapter_config.json``, ``peft_type``
+        included; ``names.to_hf`` writes a module selector of its own (IA3's feedforward)."""
+        raise PeftError(f"{type(self).__name__} has no HF PEFT form; save it in peftjax's format (format='peftjax')")
+
+    @classmethod
+    def from_hf(cls, fields: dict[str, Any], names, **common: Any) -> MethodConfig:
+        """The config an HF PEFT ``adapter_config.json`` describes. ``fields`` are
+        the method's own: ``from_hf`` pops those it reads, and the caller refuses
+        any left that is set; ``names.from_hf`` reads a module selector of its
+        own. ``common`` holds ``targets``, ``exclude`` and ``also_train``."""
+        raise PeftError(f"{cls.__name__} cannot read HF PEFT configs")
 
     def wrap(self, module: nnx.Module, *, adapter_name: str, rngs: nnx.Rngs) -> AdapterWrapper:
         """Build the wrapper that replaces ``module`` (methods with target types)."""
@@ -170,6 +243,11 @@ class AdapterWrapper(nnx.Module):
         while isinstance(layer, AdapterWrapper):
             layer = layer.base
         return layer
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        """This wrapper's tensors in an HF PEFT file, by name under the module's
+        path (``"lora_A.weight"``): what ``peftjax.core.hf_peft`` writes and reads."""
+        raise PeftError(f"{type(self).__name__} has no HF PEFT form")
 
     @classmethod
     def mergeable(cls) -> bool:

@@ -6,7 +6,7 @@ element-wise, and nothing else changes:
     softmax(Q (l_k * K)^T / sqrt(d_k)) (l_v * V),      (l_ff * gamma(W_1 x)) W_2
 
 Each vector belongs to one linear layer, as in HF PEFT (``target_modules``
-and ``feedforward_modules``):
+and ``feedforward_modules``; tests compare outputs and, on MiniLM, gradients):
 
 * a target that is not feed-forward scales its output,
   ``h = l * (W x + b)``, with l of size out_features (l_k, l_v on the key and
@@ -20,6 +20,13 @@ fold into the kernel: output scaling multiplies the kernel's output columns
 and the bias by l, input scaling the kernel's input rows. Unmerge divides by
 l again, exact up to float32 rounding; a vector with a zero entry therefore
 refuses to merge.
+
+Left out, ``targets`` and ``feedforward`` take HF PEFT's defaults for the
+model's architecture: on BERT/RoBERTa the key and value projections and every
+``output.dense`` (the attention output's too, as HF PEFT's table has it), with
+``output.dense`` feed-forward; on Llama/Mistral k_proj, v_proj and down_proj
+(Qwen2: q_proj, v_proj, down_proj), with down_proj feed-forward. In HF PEFT's
+format l is ``ia3_l``, shaped (out, 1) or, feed-forward, (1, in).
 """
 
 from __future__ import annotations
@@ -34,8 +41,16 @@ from flax import nnx
 from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
 from peftjax.core.paths import ALL_LINEAR, Targets, dotted, matches, validate_targets
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.methods.base import AdapterWrapper, HfTensor, MethodConfig, model_type_of, register_method
 from peftjax.variables import AdapterParam
+
+
+# HF PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING.
+_DEFAULT_TARGETS = {
+    **dict.fromkeys(("bert", "roberta"), (("key", "value", "output.dense"), ("output.dense",))),
+    **dict.fromkeys(("llama", "mistral"), (("k_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+}
 
 
 class IA3Vector(AdapterParam):
@@ -50,18 +65,23 @@ class IA3Config(MethodConfig):
     Attributes:
       feedforward: which of the targets are feed-forward layers, whose input
         (not output) is scaled; same rules as ``targets`` (names or a regex).
-        For BERT key/value/FFN: ``targets=r".*\\.(key|value|layer\\.\\d+\\.output\\.dense)"``,
-        ``feedforward=r".*\\.layer\\.\\d+\\.output\\.dense"``; for Llama:
-        ``targets=["k_proj", "v_proj", "down_proj"]``, ``feedforward=["down_proj"]``.
+        For BERT key/value/FFN only: ``targets=r".*\\.(key|value|layer\\.\\d+\\.output\\.dense)"``,
+        ``feedforward=r".*\\.layer\\.\\d+\\.output\\.dense"``. ``None`` (the
+        default): HF PEFT's for the architecture (those among listed targets),
+        or none if it has no entry.
     """
 
     target_types = SUPPORTED_LAYERS
+    default_targets = {model_type: targets for model_type, (targets, _) in _DEFAULT_TARGETS.items()}
+    hf_peft_type = "IA3"
 
-    feedforward: Targets = ()
+    feedforward: Targets | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self.check(self.feedforward != ALL_LINEAR, "feedforward", "must name modules or be a regex, not 'all-linear'")
+        if self.feedforward is None:
+            return
         if isinstance(self.feedforward, str) or self.feedforward:
             try:
                 self._set("feedforward", validate_targets(self.feedforward, f"{type(self).__name__}.feedforward"))
@@ -74,8 +94,26 @@ class IA3Config(MethodConfig):
             missing = [name for name in self.feedforward if name not in self.targets]
             self.check(not missing, "feedforward", f"must be among targets; {missing} are not")
 
+    def for_model(self, model: nnx.Module) -> IA3Config:
+        config = super().for_model(model)
+        if config.feedforward is not None:
+            return config
+        _, feedforward = _DEFAULT_TARGETS.get(model_type_of(model), ((), ()))
+        if isinstance(config.targets, tuple):  # a default feed-forward name that is not a target selects nothing
+            feedforward = tuple(name for name in feedforward if name in config.targets)
+        return dataclasses.replace(config, feedforward=feedforward)
+
     def is_feedforward(self, path: str) -> bool:
         return matches(path, self.feedforward) if self.feedforward else False
+
+    def to_hf(self, names):
+        return {"peft_type": "IA3", "feedforward_modules": names.to_hf(self.feedforward)}
+
+    @classmethod
+    def from_hf(cls, fields, names, **common):
+        fields.pop("init_ia3_weights", None)  # how l starts: irrelevant to a trained adapter
+        # HF PEFT matches a listed feed-forward name by a plain suffix; a dotted suffix selects the same modules here.
+        return cls(feedforward=names.from_hf(fields.pop("feedforward_modules", None)), **common)
 
     def wrap_all(
         self, modules: Sequence[nnx.Module], *, model: nnx.Module, adapter_name: str, rngs: nnx.Rngs
@@ -97,7 +135,8 @@ class IA3Linear(AdapterWrapper):
         self.layout = KernelLayout.of(self.base_layer)
         self.scales_input = scales_input
         shape = self.layout.in_shape if scales_input else self.layout.out_shape
-        self.ia3_l = IA3Vector(jnp.ones(shape, self.base_layer.param_dtype))
+        # float32 whatever the base's param_dtype: bf16 rounds 1.0 plus a step below 0.002 back to 1.0.
+        self.ia3_l = IA3Vector(jnp.ones(shape, jnp.float32))
 
     @property
     def axes(self) -> str:
@@ -113,6 +152,12 @@ class IA3Linear(AdapterWrapper):
             )
         y = self.base(x)
         return self.layout.scale(y, self.layout.output_spec, self.ia3_l[...].astype(y.dtype), axes=self.axes)
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        if isinstance(self.base_layer, nnx.Einsum):
+            raise PeftError(f"{type(self).__name__} on an nnx.Einsum has no HF PEFT form (HF PEFT adapts nn.Linear)")
+        (size,) = self.ia3_l.shape
+        return {"ia3_l": HfTensor("ia3_l", (0,), (1, size) if self.scales_input else (size, 1))}
 
     def _rescale(self, vector: jax.Array, *, divide: bool) -> None:
         """Multiply (or divide) the kernel along ``axes`` by ``vector``, and the

@@ -8,10 +8,24 @@ LoRA+ trains B with a learning rate ``loraplus_lr_ratio`` (lambda = eta_B / eta_
 and ``make_optimizer`` scales their updates by the ratio.
 
 A (in -> r) starts random, B (r -> out) starts at zero, so the wrapped model
-computes exactly what the base model did until B moves. This file is the
+computes exactly what the base model did until B moves. A and B are float32
+whatever the base's ``param_dtype``, as HF PEFT's ``autocast_adapter_dtype``
+keeps them (bf16 would round away any update below about 0.4% of a value),
+and the update is computed in the layer's computation dtype. This file is the
 template for a new method: a registered config, a wrapper whose parameters are
 ``AdapterParam`` types, and ``_merge`` / ``_unmerge`` if the method folds into
 the base kernel.
+
+Besides linear and einsum kernels, LoRA adapts ``nnx.Embed`` tables and
+``nnx.Conv`` kernels (see ``peftjax.core.layouts``), as HF PEFT's Embedding
+and Conv layers do: on a table, A (vocab, r) is looked up by token and starts
+at zero while B starts standard normal (HF PEFT's choice, after the LoRA
+reference code), and dropout does not apply; on a convolution, A convolves
+with the base layer's window and B is 1x1.
+
+HF PEFT's format: ``peft_type`` LORA; A and B are ``lora_A.weight`` /
+``lora_B.weight`` in torch's (out, in[, window]) order, or
+``lora_embedding_A`` / ``lora_embedding_B`` on a table.
 """
 
 from __future__ import annotations
@@ -24,8 +38,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
-from peftjax.methods.base import AdapterWrapper, LabelRule, MethodConfig, register_method
+from peftjax.core.kernels import SUPPORTED_LAYERS
+from peftjax.core.layouts import low_rank_layout
+from peftjax.errors import PeftError
+from peftjax.methods.base import AdapterWrapper, HfTensor, LabelRule, MethodConfig, register_method, registered_methods
 from peftjax.variables import AdapterParam
 
 # The label of B's parameters under LoRA+ (see LoraConfig.loraplus_lr_ratio).
@@ -43,23 +59,29 @@ class LoraB(AdapterParam):
 @register_method("lora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig(MethodConfig):
-    """Low-rank adaptation of linear and einsum kernels.
+    """Low-rank adaptation of linear, einsum, embedding and convolution layers.
 
     Attributes:
       rank: r, the inner dimension of B A.
       alpha: scaling numerator; s = alpha / r (alpha / sqrt(r) with ``rslora``).
       dropout: dropout rate on the adapter's input, in [0, 1).
       rslora: use rank-stabilised scaling.
-      init: how A starts. ``"kaiming"``: uniform on +-1/sqrt(fan_in), the
-        default of HF PEFT and the LoRA reference code (torch's
-        ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: normal with std 1/r.
-        B always starts at zero.
+      init: how A starts, as HF PEFT's ``init_lora_weights`` (a test compares
+        the distributions): ``"kaiming"`` (its default, True): uniform on
+        +-1/sqrt(fan_in), torch's ``kaiming_uniform_(a=sqrt(5))``;
+        ``"gaussian"``: normal with std 1/r. B starts at zero (on an embedding
+        table, A starts at zero and B standard normal, as in HF PEFT).
       loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
         16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
         the model takes the ratio, so two stacked LoRA+ adapters must agree.
     """
 
-    target_types = SUPPORTED_LAYERS
+    target_types = (*SUPPORTED_LAYERS, nnx.Embed, nnx.Conv)
+    default_targets = {  # HF PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (it has none for ViT)
+        **dict.fromkeys(("bert", "roberta"), ("query", "value")),
+        **dict.fromkeys(("llama", "mistral", "qwen2"), ("q_proj", "v_proj")),
+    }
+    hf_peft_type = "LORA"
 
     rank: int = 8
     alpha: float = 8.0
@@ -83,7 +105,30 @@ class LoraConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def wrap(self, module, *, adapter_name, rngs):
-        return LoraLinear(module, self, adapter_name=adapter_name, rngs=rngs)
+        layer = module.base_layer if isinstance(module, AdapterWrapper) else module
+        wrapper = LoraEmbed if isinstance(layer, nnx.Embed) else LoraLinear
+        return wrapper(module, self, adapter_name=adapter_name, rngs=rngs)
+
+    def to_hf(self, names):
+        init = True if self.init == "kaiming" else "gaussian"
+        return dict(peft_type="LORA", r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                    use_rslora=self.rslora, use_dora=False, init_lora_weights=init)
+
+    @classmethod
+    def from_hf(cls, fields, names, **common):
+        init = fields.pop("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            raise PeftError(
+                f"init_lora_weights={init!r}: only adapters initialised as plain LoRA (true, false or 'gaussian') "
+                "load on an unchanged base model; convert the adapter to plain LoRA in HF PEFT first"
+            )
+        for unused_unless_set in ("megatron_core", "qalora_group_size"):  # read only with megatron_config / use_qalora
+            fields.pop(unused_unless_set, None)
+        config_cls = registered_methods()["dora"] if fields.pop("use_dora", False) else cls  # DoRA is a LoRA flag there
+        return config_cls(
+            rank=fields.pop("r", 8), alpha=float(fields.pop("lora_alpha", 8)), dropout=fields.pop("lora_dropout", 0.0),
+            rslora=fields.pop("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming", **common
+        )
 
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
         rules = super().label_rules(model)
@@ -104,16 +149,15 @@ def init_down_projection(config: LoraConfig, shape: tuple[int, ...], fan_in: int
 
 
 class LoraLinear(AdapterWrapper):
-    """An ``nnx.Linear`` or ``nnx.Einsum`` plus a scaled low-rank update."""
+    """An ``nnx.Linear``, ``nnx.Einsum`` or ``nnx.Conv`` plus a scaled low-rank update."""
 
     def __init__(self, base: nnx.Module, config: LoraConfig, *, adapter_name: str, rngs: nnx.Rngs):
         super().__init__(base, adapter_name=adapter_name)
-        self.layout = KernelLayout.of(self.base_layer)
+        self.layout = low_rank_layout(self.base_layer)
         self.scale = config.scale
-        param_dtype = self.base_layer.param_dtype
         a = init_down_projection(config, self.layout.down_shape(config.rank), self.layout.fan_in, rngs.params())
-        self.lora_a = LoraA(a.astype(param_dtype))
-        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), param_dtype))
+        self.lora_a = LoraA(a)
+        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), jnp.float32))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,9 +175,49 @@ class LoraLinear(AdapterWrapper):
         return self.scale * self.layout.kernel_from_factors(a, b)
 
     def _merge(self) -> None:
-        kernel = self.base_layer.kernel
+        kernel = getattr(self.base_layer, self.layout.weight_name)
         kernel[...] = (kernel[...].astype(jnp.float32) + self.delta_kernel()).astype(kernel.dtype)
 
     def _unmerge(self) -> None:
-        kernel = self.base_layer.kernel
+        kernel = getattr(self.base_layer, self.layout.weight_name)
         kernel[...] = (kernel[...].astype(jnp.float32) - self.delta_kernel()).astype(kernel.dtype)
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        if isinstance(self.base_layer, nnx.Einsum):
+            raise PeftError(f"{type(self).__name__} on an nnx.Einsum has no HF PEFT form (HF PEFT adapts nn.Linear)")
+        a, b = self.lora_a.shape, self.lora_b.shape
+        window = len(a) - 2  # a convolution's spatial axes lead A's; a linear layer has none
+        return {
+            "lora_A.weight": HfTensor("lora_a", (window + 1, window, *range(window)), (a[-1], a[-2], *a[:window])),
+            "lora_B.weight": HfTensor("lora_b", (1, 0), (b[1], b[0], *(1,) * window)),
+        }
+
+
+class LoraEmbed(LoraLinear):
+    """An ``nnx.Embed`` plus a scaled low-rank update of its table (no dropout:
+    the input is token ids); ``attend`` (a tied output head) uses the base table."""
+
+    def __init__(self, base: nnx.Module, config: LoraConfig, *, adapter_name: str, rngs: nnx.Rngs):
+        AdapterWrapper.__init__(self, base, adapter_name=adapter_name)
+        self.layout = low_rank_layout(self.base_layer)
+        self.scale = config.scale
+        self.lora_a = LoraA(jnp.zeros(self.layout.down_shape(config.rank), jnp.float32))
+        self.lora_b = LoraB(jax.random.normal(rngs.params(), self.layout.up_shape(config.rank), jnp.float32))
+        self.dropout = None
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        y = self.base(ids)
+        if not self.adds_output:
+            return y
+        h = self.layout.project_down(ids, self.lora_a[...].astype(y.dtype))
+        return y + self.scale * self.layout.project_up(h, self.lora_b[...].astype(y.dtype))
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        return self.base_layer.attend(query)
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        (vocab, rank), features = self.lora_a.shape, self.lora_b.shape[1]
+        return {
+            "lora_embedding_A": HfTensor("lora_a", (1, 0), (rank, vocab)),
+            "lora_embedding_B": HfTensor("lora_b", (1, 0), (features, rank)),
+        }

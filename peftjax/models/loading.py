@@ -99,7 +99,7 @@ class LoadReport:
 # --------------------------------------------------------------------------
 
 
-def _to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
+def to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":  # torch (out, in, kh, kw) -> flax (kh, kw, in, out)
@@ -107,7 +107,7 @@ def _to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array
 
 
-def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":
@@ -422,7 +422,7 @@ def from_pretrained(
         torch_shape = handles[files[ckpt_key]].shape(ckpt_key)
         expected = tuple(abstract_leaves[leaf_path].shape)
         if _model_shape(torch_shape, layout) != expected:
-            torch_expected = _to_torch_shape(expected, layout)
+            torch_expected = to_torch_shape(expected, layout)
             mismatched.append((ckpt_key, torch_shape, torch_expected))
             continue
         plan[leaf_path] = (ckpt_key, layout)
@@ -469,7 +469,7 @@ def from_pretrained(
     for index, (leaf_path, variable) in enumerate(flat_abstract):
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
-            array = _to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
+            array = to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
             value = jnp.asarray(_contiguous(array), dtype=variable.dtype)
         elif isinstance(variable, nnx.RngKey):
             value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
@@ -510,7 +510,7 @@ def from_pretrained(
     return model, report
 
 
-def _to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+def to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     if layout == "linear" and len(shape) == 2:
         return shape[::-1]
     if layout == "conv" and len(shape) == 4:
@@ -554,7 +554,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
         array = np.asarray(jax.device_get(variables[leaf_path].get_value()))
         if isinstance(variables[leaf_path], nnx.Param):
             dtypes.add(array.dtype)
-        tensors[hf_key] = _contiguous(_to_torch_layout(array, layout))
+        tensors[hf_key] = _contiguous(to_torch_layout(array, layout))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = {"architectures": [registry.hf_architecture(model)], **model.config.to_hf_dict()}

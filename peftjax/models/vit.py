@@ -25,6 +25,19 @@ from peftjax.models.common import Array, ModelOutput
 from peftjax.points import BranchOutput, InputEmbeddings
 
 
+# transformers 5's in-memory names of ViT's modules, from the checkpoint's: its conversion_mapping's
+# "ViTModel" renames, in order. HF PEFT's target_modules and adapter keys name modules this way.
+HF_MODULE_RENAMES = (
+    (r"encoder\.layer\.", "layers."),
+    (r"attention\.query", "q_proj"),
+    (r"attention\.key", "k_proj"),
+    (r"attention\.value", "v_proj"),
+    (r"attention\.output\.dense", "attention.o_proj"),
+    (r"intermediate\.dense", "mlp.fc1"),
+    (r"output\.dense", "mlp.fc2"),
+)
+
+
 def _square(name: str, value: Any) -> int:
     """transformers allows (h, w) pairs; peftjax supports square images/patches."""
     if isinstance(value, (list, tuple)):
@@ -211,7 +224,7 @@ class ViTAttention(nnx.Module):
 
 
 class ViTLayer(nnx.Module):
-    """Pre-norm block; its points see each branch's output and (normed) input."""
+    """Pre-norm block; its points see each branch's output and the residual stream it joins."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -225,10 +238,10 @@ class ViTLayer(nnx.Module):
 
     def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
         h_btd = self.layernorm_before(x_btd)
-        x_btd = x_btd + self.after_attention(self.attention(h_btd, mask_bt), h_btd)
+        x_btd = x_btd + self.after_attention(self.attention(h_btd, mask_bt), x_btd, None)
         h_btd = self.layernorm_after(x_btd)
         out_btd = self.output(self.intermediate(h_btd))
-        return x_btd + self.after_mlp(out_btd, h_btd)
+        return x_btd + self.after_mlp(out_btd, x_btd, None)
 
 
 class ViTModel(nnx.Module):
@@ -236,6 +249,7 @@ class ViTModel(nnx.Module):
 
     output_head_names: ClassVar[tuple[str, ...]] = ()
     hf_architecture_suffix: ClassVar[str] = "Model"
+    hf_module_renames: ClassVar[tuple[tuple[str, str], ...]] = HF_MODULE_RENAMES
 
     def __init__(
         self,
@@ -273,6 +287,7 @@ class ViTForImageClassification(common.ModelWithHead):
     base_model_class: ClassVar[type[nnx.Module]] = ViTModel
     output_head_names: ClassVar[tuple[str, ...]] = ("classifier",)
     hf_architecture_suffix: ClassVar[str] = "ForImageClassification"
+    hf_module_renames: ClassVar[tuple[tuple[str, str], ...]] = HF_MODULE_RENAMES
 
     def _base_options(self, config: ViTConfig) -> dict[str, Any]:
         return {"add_pooling_layer": False}
