@@ -74,11 +74,10 @@ def config(path: pathlib.Path, overrides: list[str], arm: dict | None = None, na
 
 
 def trained(cfg) -> dict:
-    folder = pathlib.Path(cfg.output_dir)
-    if (folder / runner.RESULT_FILE).exists():
-        return json.loads((folder / runner.RESULT_FILE).read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    log(f"train {cfg.name} -> {folder}")
+    if (finished := runner.finished_result(cfg)) is not None:
+        return finished
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # an interrupted run or another config's: start again
+    log(f"train {cfg.name} -> {cfg.output_dir}")
     result = runner.run(cfg, progress=False)
     log(f"  test accuracy {result['metrics']['test_accuracy']:.4f}, {result['wall_time_s']:.0f} s")
     return result

@@ -55,10 +55,9 @@ def config_for(arm: str, seed: int, out: pathlib.Path, overrides=()):
 
 def train(arm: str, seed: int, out: pathlib.Path, log, overrides=()) -> dict:
     config = config_for(arm, seed, out, overrides)
-    folder = pathlib.Path(config.output_dir)
-    if (folder / runner.RESULT_FILE).exists():
-        return json.loads((folder / runner.RESULT_FILE).read_text())
-    shutil.rmtree(folder, ignore_errors=True)  # an interrupted run: start it again
+    if (finished := runner.finished_result(config)) is not None:
+        return finished
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # an interrupted run or another config's: start again
     log(f"train {arm} seed {seed}")
     result = runner.run(config, progress=False)
     log(f"  test accuracy {result['metrics']['test_accuracy']:.4f}, {result['wall_time_s']:.0f} s")

@@ -85,6 +85,18 @@ def check_output_dir(config: ExperimentConfig, *, resume: bool) -> pathlib.Path:
     return out
 
 
+def finished_result(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The result of a finished run of this very config in its output folder, else None
+    (an experiment driver started again reuses it; a run of an edited config is not it)."""
+    path = pathlib.Path(config.output_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(config.to_dict()))
+    same = {**result["config"], "output_dir": None} == {**wanted, "output_dir": None}  # found in it, by any spelling
+    return result if same else None
+
+
 def compute_dtype(config: ExperimentConfig):
     return jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
 
