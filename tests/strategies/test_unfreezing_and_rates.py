@@ -1,5 +1,5 @@
 """Gradual unfreezing, discriminative rates and the slanted triangular schedule on a toy
-transformer (embeddings, two blocks, a final norm, a head: five layer groups), driven as
+stack (embeddings, two dense blocks, a final norm, a head: five layer groups), driven as
 the runner drives a label schedule: one compilation per stage, frozen groups bitwise
 unchanged and without optimizer state until their stage, a group's state (Adam's step
 count included) created when it starts training, one schedule count for the whole run."""
@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ToyBlock
 from flax import nnx
 
 import peftjax
@@ -25,18 +24,21 @@ from peftjax.train.session import RunInfo
 
 
 class ToyTransformer(nnx.Module):
+    """A transformer's layer groups with one dense layer per block: each stage's step
+    compiles in a fraction of the time an attention block's would take."""
+
     output_head_names = ("head",)
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.embeddings = nnx.Linear(16, 16, rngs=rngs)
-        self.layers = nnx.List([ToyBlock(16, 32, rngs=rngs) for _ in range(2)])
+        self.layers = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(2)])
         self.norm = nnx.LayerNorm(16, rngs=rngs)
         self.head = nnx.Linear(16, 2, rngs=rngs)
 
     def __call__(self, x_btd):
         x_btd = self.embeddings(x_btd)
         for layer in self.layers:
-            x_btd = layer(x_btd)
+            x_btd = x_btd + jax.nn.gelu(layer(x_btd))
         return self.head(self.norm(x_btd).mean(axis=1))
 
 
@@ -64,8 +66,8 @@ def group_of(path: str, model) -> str:
     return next(g.name for g in peftjax.layer_groups(model) if any(path.startswith(p + ".") for p in g.paths))
 
 
-def by_path(tree) -> dict[str, jax.Array]:
-    return {jax.tree_util.keystr(p): jnp.copy(leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def by_path(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.array(leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def dotted_leaves(tree) -> dict[str, np.ndarray]:
@@ -158,7 +160,7 @@ def test_discriminative_rates_scale_sgd_updates_by_factor_per_group_below_the_to
     top = 3  # final is l = L = 3, the embeddings l = 0
     expected_factor = {g: 1 / 2.6 ** (top - level) for level, g in enumerate(GROUPS[:-1])} | {"head": 5.0}
     ours, theirs = dotted_leaves(updates), dotted_leaves(reference)
-    assert ours.keys() == theirs.keys() and len(ours) == 34
+    assert ours.keys() == theirs.keys() and len(ours) == 10
     for path, value in ours.items():
         # Exact up to float32 rounding: XLA may fold eta and the factor into one scale first.
         factor = expected_factor[group_of(path, model)]
