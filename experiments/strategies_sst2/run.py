@@ -131,7 +131,7 @@ def main() -> None:
     payload = {"seeds": args.seeds, "overrides": args.override, "arms": rows, "versions": runner.versions(), "script_wall_s": time.time() - started}
     target = HERE if not args.override else out
     (target / "results.json").write_text(json.dumps(payload, indent=2))
-    lines = ["| arm | test accuracy (mean ± std, 3 seeds) | trainable params | step GFLOPs (16 x 64) "
+    lines = [f"| arm | test accuracy (mean ± std, {len(args.seeds)} seeds) | trainable params | step GFLOPs (16 x 64) "
              "| XLA memory plan (MB) | wall time per run (s, mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for arm, row in rows.items():
         mean, std = row["test_accuracy_mean_std"]
