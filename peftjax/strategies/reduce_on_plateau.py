@@ -16,7 +16,8 @@ logged as ``reduce_on_plateau_scale`` at each evaluation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import jax
@@ -67,6 +68,13 @@ class ReduceOnPlateauConfig(Strategy):
         return optax.contrib.reduce_on_plateau(factor=self.factor, patience=self.patience, rtol=self.rtol,
                                                cooldown=self.cooldown, min_scale=self.min_scale)
 
+    @functools.cached_property
+    def _moved(self) -> Callable:
+        """The plateau state after an evaluation, compiled once (run eagerly, optax's update
+        compiles its small programs again at every evaluation)."""
+        plateau = self.plateau()
+        return jax.jit(lambda state, value: plateau.update({}, state, value=value)[1])
+
     def optimizer(self, tx: PeftOptimizer, info: RunInfo) -> optax.GradientTransformation:
         plateau = self.plateau()
 
@@ -87,7 +95,7 @@ class ReduceOnPlateauConfig(Strategy):
         found = [node for node in jax.tree.leaves(run.state.opt_state, is_leaf=_is_plateau) if _is_plateau(node)]
         if len(found) != 1:
             raise PeftError(f"reduce_on_plateau: the optimizer state holds {len(found)} plateau states, expected 1")
-        _, updated = self.plateau().update({}, found[0], value=jnp.asarray(value, found[0].best_value.dtype))
+        updated = self._moved(found[0], jnp.asarray(value, found[0].best_value.dtype))
         updated = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), updated, found[0])
         opt_state = jax.tree.map(lambda node: updated if _is_plateau(node) else node, run.state.opt_state,
                                  is_leaf=_is_plateau)
