@@ -6,7 +6,8 @@ Each arm is base.yaml with its entry of arms.yaml merged in, trained by the same
 runner as ``peftjax train`` (runs/strategies_sst2/<arm>/seed<N>/, a finished run is
 reused when the script is started again). Then, once per arm, XLA's count of the
 compiled train step at batch 16 x 64 tokens: FLOPs and memory plan, per stage for
-gradual unfreezing. Writes results.json and results.md next to this file.
+gradual unfreezing. Writes results.json and results.md next to this file; the rows of
+arms not named this time stay as an earlier invocation wrote them (each row says its seeds).
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def main() -> None:
     def log(line: str) -> None:
         print(time.strftime("%H:%M:%S"), line, flush=True)
 
-    rows = {}
+    target = HERE if not args.override else out
+    # Rows of arms not named keep what an earlier invocation wrote (each row says its seeds).
+    saved = target / "results.json"
+    rows = json.loads(saved.read_text())["arms"] if saved.exists() else {}
     for arm in args.arms:
         results = [train(arm, seed, out, log, args.override) for seed in args.seeds]
         log(f"xla counts {arm}")
@@ -128,14 +132,15 @@ def main() -> None:
             "wall_time_s": [r["wall_time_s"] for r in results],
             "xla": counts,
         }
-    payload = {"seeds": args.seeds, "overrides": args.override, "arms": rows, "versions": runner.versions(), "script_wall_s": time.time() - started}
-    target = HERE if not args.override else out
-    (target / "results.json").write_text(json.dumps(payload, indent=2))
-    lines = [f"| arm | test accuracy (mean ± std, {len(args.seeds)} seeds) | trainable params | step GFLOPs (16 x 64) "
-             "| XLA memory plan (MB) | wall time per run (s, mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        rows[arm]["versions"] = runner.versions()
+    payload = {"overrides": args.override, "arms": rows, "script_wall_s": time.time() - started}
+    saved.write_text(json.dumps(payload, indent=2))
+    lines = ["| arm | seeds | test accuracy (mean ± std) | trainable params | step GFLOPs (16 x 64) "
+             "| XLA memory plan (MB) | wall time per run (s, mean) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for arm, row in rows.items():
         mean, std = row["test_accuracy_mean_std"]
-        lines.append(f"| {arm} | {mean:.4f} ± {std:.4f} | {row['trainable_params']:,} "
+        seeds = " ".join(map(str, row["seeds"]))
+        lines.append(f"| {arm} | {seeds} | {mean:.4f} ± {std:.4f} | {row['trainable_params']:,} "
                      f"| {row['xla']['mean_flops'] / 1e9:.1f} | {row['xla']['max_memory_plan_bytes'] / 1e6:.0f} "
                      f"| {np.mean(row['wall_time_s']):.0f} |")
     (target / "results.md").write_text("\n".join(lines) + "\n")
