@@ -39,7 +39,7 @@ from peftjax.core.inject import DEFAULT_ADAPTER, applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
 from peftjax.errors import PeftError
-from peftjax.methods.base import FROZEN, config_from_dict
+from peftjax.methods.base import FROZEN, Slot, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -76,6 +76,8 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal[
         config, arrays = hf_peft.to_hf(model)
         metadata = {"format": "pt"}  # as torch-saved safetensors are marked
     elif format == "peftjax":
+        for name, method in applied_methods(model):
+            method.check_own_format(model, name)
         config = {
             "format_version": FORMAT_VERSION,
             "methods": [{"adapter_name": name, **c.to_dict()} for name, c in applied_methods(model)],
@@ -141,15 +143,17 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
-def _own_slots(model: nnx.Module, arrays) -> dict[str, hf_peft.Slot]:
+def _own_slots(model: nnx.Module, arrays) -> dict[str, Slot]:
     """peftjax's layout: each variable as it is, by dotted path; besides the
     required ones, the statistics of frozen batch norms a train state updated."""
-    same = lambda array: array  # noqa: E731
     variables = adapter_variables(model)
-    variables.update(
-        {dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat) and dotted(p) in arrays}
-    )
-    return {k: hf_peft.Slot(v, tuple(v.get_value().shape), same, same) for k, v in variables.items()}
+    variables.update(_statistics(model, arrays))
+    return {k: Slot.of(v, tuple(v.get_value().shape)) for k, v in variables.items()}
+
+
+def _statistics(model: nnx.Module, keys) -> dict[str, nnx.Variable]:
+    """The batch-norm statistics among ``keys`` (dotted paths)."""
+    return {dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat) and dotted(p) in keys}
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: str | None = None) -> nnx.Module:
@@ -194,7 +198,6 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     _attach(model, methods)
     slots = slots_of(model)
     for key, slot in slots.items():
-        slot.variable[...] = jax.numpy.asarray(slot.from_file(arrays[key]), dtype=slot.variable.dtype)
-    statistics = {key for key, slot in slots.items() if isinstance(slot.variable, nnx.BatchStat)}
-    record_updated(model, {key.rpartition(".")[0] for key in statistics})
+        slot.write(arrays[key])
+    record_updated(model, {key.rpartition(".")[0] for key in _statistics(model, slots)})
     return model
