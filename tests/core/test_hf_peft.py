@@ -328,6 +328,33 @@ def test_bad_hf_folders_raise_and_leave_the_model_alone(checkpoints, bert_adapte
     check()
 
 
+def test_vera_matrices_must_be_in_the_file_and_stay_in_hf_format(checkpoints, tmp_path, unchanged):
+    theirs = peft.get_peft_model(load_theirs(checkpoints["bert"]), peft.VeraConfig(r=4, target_modules=["query"]))
+    theirs.save_pretrained(tmp_path / "with")
+    theirs.peft_config["default"].save_projection = False
+    theirs.save_pretrained(tmp_path / "without")
+    model = load_ours(checkpoints["bert"])
+    check = unchanged(model)
+    with pytest.raises(peftjax.PeftError, match=r"save_projection=false: the file leaves out VeRA's shared matrices"):
+        peftjax.load_adapter(model, tmp_path / "without")
+    check()
+    model = peftjax.load_adapter(model, tmp_path / "with")  # torch drew these matrices, not peftjax's seed
+    with pytest.raises(peftjax.PeftError, match=r"shared matrices read from an HF PEFT file.*format='peft'"):
+        peftjax.save_adapter(model, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_prompt_learning_files_must_match_the_models_sizes(checkpoints, tmp_path, unchanged):
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    peft.get_peft_model(load_theirs(checkpoints["qwen2"]), config).save_pretrained(tmp_path / "adapter")
+    edit_config(tmp_path / "adapter", num_attention_heads=2, token_dim=16)  # as if trained with two key/value heads
+    model = load_ours(checkpoints["qwen2"])
+    check = unchanged(model)
+    with pytest.raises(peftjax.PeftError, match=r"token_dim=16, but this model has 8; load the adapter onto the base"):
+        peftjax.load_adapter(model, tmp_path / "adapter")
+    check()
+
+
 def test_a_pickle_only_adapter_is_refused(checkpoints, bert_adapter):
     (bert_adapter / "adapter_model.safetensors").rename(bert_adapter / "adapter_model.bin")
     with pytest.raises(peftjax.PeftError, match=r"adapter_model.bin but no adapter_model.safetensors: peftjax reads "
