@@ -39,6 +39,7 @@ from flax import nnx
 from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
+from peftjax.plugins import load_entry_points
 
 # Label of parameters that do not train; make_optimizer maps it to optax.set_to_zero().
 FROZEN = "frozen"
@@ -116,6 +117,8 @@ def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     """Build a method config from ``{"type": name, **fields}`` (YAML/JSON form)."""
     data = dict(data)
     name = data.pop("type", None)
+    if name not in _REGISTRY:
+        load_entry_points()  # an installed plugin's method
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f" Did you mean {close}?" if close else ""
