@@ -131,12 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, help="with --distributed: how many processes in all")
     parser.add_argument("--process-id", type=int, help="with --distributed: this process's index")
     commands = parser.add_subparsers(dest="command", required=True)
-    plugin = argparse.ArgumentParser(add_help=False)  # every command takes it
-    plugin.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import this module first: methods and strategies it registers become usable "
-                             "(repeatable; see peftjax.plugins)")
 
-    train = commands.add_parser("train", parents=[plugin], help="train an experiment config")
+    train = commands.add_parser("train", help="train an experiment config")
     train.add_argument("config", help="experiment YAML")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.add_argument("--resume", action="store_true", help="continue from the output folder's latest checkpoint")
@@ -144,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("eval", parents=[plugin], help="evaluate a saved adapter on the config's eval/test splits")
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter on the config's eval/test splits")
     evaluate.add_argument("config")
     evaluate.add_argument("overrides", nargs="*")
     evaluate.add_argument("--checkpoint", required=True, help="an adapter folder (OUTPUT/best or OUTPUT/adapter)")
     evaluate.set_defaults(handler=_eval)
 
-    search = commands.add_parser("rank-search", parents=[plugin], help="train LoRA at many ranks x target sets x seeds; report")
+    search = commands.add_parser("rank-search", help="train LoRA at many ranks x target sets x seeds; report")
     search.add_argument("config", help="experiment YAML with one LoRA method and a 'sweep:' section")
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides (sweep.* included)")
     search.add_argument("--mode", choices=("batched", "sequential"), help="override sweep.mode")
@@ -160,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no per-program log lines")
     search.set_defaults(handler=_rank_search)
 
-    bench = commands.add_parser("bench", parents=[plugin], help="per-method counts, XLA FLOPs and memory plan, step time")
+    bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
     bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, resnet-50, ...), minilm, or a folder")
     bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
     bench.add_argument("--batch", type=int, default=8)
@@ -179,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart-prefix", help="chart file names' prefix (default: the JSON file's stem)")
     bench.set_defaults(handler=_bench)
 
-    convert = commands.add_parser("convert-adapter", parents=[plugin], help="rewrite a saved adapter in HF PEFT's format or peftjax's")
+    convert = commands.add_parser("convert-adapter", help="rewrite a saved adapter in HF PEFT's format or peftjax's")
     convert.add_argument("adapter", help="an adapter folder (peftjax's or HF PEFT's)")
     convert.add_argument("out", help="the folder to write")
     convert.add_argument("--model", required=True, help="the base model's checkpoint folder")
     convert.add_argument("--format", choices=("peft", "peftjax"), default="peft")
     convert.set_defaults(handler=_convert_adapter)
 
-    combine = commands.add_parser("combine-adapters", parents=[plugin], help="combine saved LoRA adapters into one (weighted)")
+    combine = commands.add_parser("combine-adapters", help="combine saved LoRA adapters into one (weighted)")
     combine.add_argument("adapters", nargs="+", help="FOLDER=WEIGHT for each adapter (peftjax's or HF PEFT's format)")
     combine.add_argument("--out", required=True, help="the folder to write the combined adapter to")
     combine.add_argument("--model", required=True, help="the base model's checkpoint folder")
@@ -198,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
     combine.add_argument("--format", choices=("peft", "peftjax"), default="peft")
     combine.set_defaults(handler=_combine_adapters)
+
+    for command in commands.choices.values():
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                             help="import this module first: methods and strategies it registers become usable "
+                                  "(repeatable; see peftjax.plugins)")
     return parser
 
 

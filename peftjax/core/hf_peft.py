@@ -226,11 +226,10 @@ def method_from_hf(config: Mapping[str, Any], model: nnx.Module, *, source: str)
                 "it was trained on"
             )
     saved = names.from_hf(config.get("modules_to_save") or [])
-    if reader.hf_prompt_learning:  # HF PEFT's task classes list every head name they know ("classifier", "score")
-        saved = [name for name in dict.fromkeys(saved) if any(p == name or p.endswith("." + name) for p in names.paths)]
-    also_train = tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in saved)  # every parameter under the module
     if reader.hf_prompt_learning:
-        common = dict(also_train=also_train)
+        # HF PEFT's task classes list every head name they know ("classifier", "score"): keep the model's
+        saved = [name for name in dict.fromkeys(saved) if any(p == name or p.endswith("." + name) for p in names.paths)]
+        common = {}
     else:
         targets, exclude = config.get("target_modules"), config.get("exclude_modules") or ()
         if targets is None or targets == ALL_LINEAR:
@@ -240,11 +239,8 @@ def method_from_hf(config: Mapping[str, Any], model: nnx.Module, *, source: str)
             )
         if isinstance(exclude, str):
             raise PeftError(f"{source}: exclude_modules={exclude!r} is a regex; peftjax's exclude takes module names")
-        common = dict(
-            targets=names.from_hf(targets),
-            exclude=tuple(names.from_hf(list(exclude))),
-            also_train=also_train,
-        )
+        common = dict(targets=names.from_hf(targets), exclude=tuple(names.from_hf(list(exclude))))
+    common["also_train"] = tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in saved)  # every parameter under each
     try:
         method = reader.from_hf(fields, names, **common)
     except (TypeError, PeftError) as err:  # a field of the wrong type, or a value peftjax refuses

@@ -129,6 +129,9 @@ class PromptTuningConfig(MethodConfig):
     @classmethod
     def hf_model_fields(cls, model):
         config = getattr(model, "config", None)
+        if not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")):
+            raise PeftError(f"HF PEFT's prompt tuning reads num_hidden_layers, hidden_size and num_attention_heads "
+                            f"from model.config, which {type(model).__name__} does not have")
         return dict(num_layers=config.num_hidden_layers, token_dim=config.hidden_size,
                     num_attention_heads=config.num_attention_heads, num_transformer_submodules=1)
 
