@@ -128,7 +128,13 @@ def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
         labels = table.column(config.label_column, "data.label_column", rows)
         if split == "train":  # the training split fixes the class names for the others
             label_names = table.label_names(config.label_column) or _class_names_from_strings(labels)
-        label_ids = _label_ids(labels, f"{table.where} column {config.label_column!r}", label_names)
+        where = f"{table.where} column {config.label_column!r}"
+        label_ids = _label_ids(labels, where, label_names)
+        if split != "train" and label_names is None and "train" in splits:
+            unseen = sorted({int(i) for i in label_ids if i > splits["train"].labels.max()})
+            if unseen:
+                raise DataError(f"{where} has labels {unseen[:5]} that the training split lacks; "
+                                f"classes: 0..{int(splits['train'].labels.max())}")
         ids, types = encode(tokenizer, texts[0], texts[1] if len(texts) > 1 else None, config.max_length)
         splits[split] = TextExamples.from_sequences(
             ids, labels=label_ids, token_type_ids=types, pad_id=pad_id, bucket_lengths=buckets

@@ -307,6 +307,11 @@ def _timing_lines(payload: dict) -> list[str]:
             f"{before['loadavg_5m']:.1f}/{before['loadavg_15m']:.1f} on {before['cpu_count']} CPUs | "
             f"{after['loadavg_1m']:.1f}/{after['loadavg_5m']:.1f}/{after['loadavg_15m']:.1f} |"
         )
+    reused = {mode: timing[mode].get("points_reused", 0) for mode in ("batched", "sequential") if mode in timing}
+    if any(reused.values()):
+        counts = ", ".join(f"{mode}: {n}" for mode, n in reused.items() if n)
+        lines += ["", f"Resumed: the wall times cover this invocation alone; points read back from an earlier, "
+                      f"interrupted one ({counts}) keep their own step and setup times."]
     if "batched_over_sequential" in timing:
         lines += ["", f"**Wall-time ratio batched / sequential: {timing['batched_over_sequential']:.3f}** "
                       "(the same points, one invocation)."]

@@ -29,7 +29,7 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -53,23 +53,18 @@ from peftjax.rank_search.config import (
     resolve_target_sets,
     template_method,
 )
-from peftjax.rank_search.summary import (
-    ENERGIES,
-    agreement,
-    mean_spectra,
-    pareto,
-    save_factors,
-    similarities,
-    summarize,
-)
+from peftjax.errors import Preempted
+from peftjax.rank_search.progress import POINTS_DIR, SweepProgress
+from peftjax.rank_search.summary import ENERGIES, agreement, mean_spectra, pareto, similarities, summarize
 from peftjax.train import runner
+from peftjax.train.output import OutputLock
+from peftjax.train.preemption import StopSignals
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import evaluate
 
 RESULTS_JSON = "rank_search.json"
 RESULTS_CSV = "rank_search.csv"
-POINTS_DIR = "points"
 
 
 @dataclasses.dataclass
@@ -122,8 +117,10 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
 # ----------------------------------------------------------------------------
 
 
-def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing):
-    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members)."""
+def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing,
+           after_step: Callable[[int], None]):
+    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members).
+    ``after_step(step)`` runs after each step (it raises to stop the sweep)."""
     batches = loader.iterate()
     losses = []
     started = time.perf_counter()
@@ -131,10 +128,12 @@ def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh
     losses.append(metrics["loss"])
     jax.block_until_ready(metrics["loss"])
     timing.first_step_s = time.perf_counter() - started
+    after_step(1)
     later = time.perf_counter()
-    for _ in range(total_steps - 1):
+    for step in range(2, total_steps + 1):
         state, metrics = step_fn(state, global_batch(next(batches), mesh))
         losses.append(metrics["loss"])
+        after_step(step)
     jax.block_until_ready(losses[-1])
     now = time.perf_counter()
     if total_steps > 1:
@@ -235,8 +234,11 @@ def run_batched(
     points: Sequence[Point],
     *,
     log: Callable[[str], None],
+    done: Collection[str] = (),
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> Iterator[PointResult]:
-    """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members)."""
+    """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members),
+    but for programs whose points are all ``done`` (by name)."""
     template = template_method(config)
     mesh = make_mesh()
     # Compiled once per (target set, padded rank, members), reused by every seed and every chunk of
@@ -244,6 +246,8 @@ def run_batched(
     steps: dict[tuple[str, int, int], tuple[BatchedTrainStep, Any]] = {}
     loss_fn = None
     for seed in sweep.seeds:
+        if all(p.name in done for p in points if p.seed == seed):
+            continue
         started = time.perf_counter()
         group_config = _with(config, seed=seed, methods=())
         prep = runner.prepare(group_config)  # data, base model (head seeded), loader, steps, loss
@@ -255,6 +259,8 @@ def run_batched(
             group = _points_of_group(points, seed, target_set.name)
             lora = dataclasses.replace(template, targets=target_set.targets, seed=seed)
             for chunk_index, chunk in enumerate(_chunks(group, sweep.max_members)):
+                if all(p.name in done for p in chunk):  # the same chunks as the first time: the same programs
+                    continue
                 timing = Timing()
                 started = time.perf_counter()
                 members = [Member(p.rank, p.learning_rate) for p in chunk]
@@ -271,7 +277,7 @@ def run_batched(
                 if step_fn is None:
                     step_fn = BatchedTrainStep(loss_fn, grad_accum=config.train.grad_accum)
                     steps[shape_key] = (step_fn, state.static)
-                state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
+                state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
                 for index, point in enumerate(chunk):
                     started = time.perf_counter()
                     model = state.member(index).model()
@@ -292,12 +298,16 @@ def run_sequential(
     points: Sequence[Point],
     *,
     log: Callable[[str], None],
+    done: Collection[str] = (),
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> Iterator[PointResult]:
-    """Train ``points`` one at a time, each as ``peftjax train`` builds a run."""
+    """Train ``points`` one at a time, each as ``peftjax train`` builds a run, but those ``done`` (by name)."""
     template = template_method(config)
     targets_of = {t.name: t for t in target_sets}
     mesh = make_mesh()
     for point in points:
+        if point.name in done:
+            continue
         timing = Timing()
         started = time.perf_counter()
         target_set = targets_of[point.target_set]
@@ -307,7 +317,7 @@ def run_sequential(
         counts = count_params(prep.model, prep.optimizer.labels)
         timing.setup_s = time.perf_counter() - started
         step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
-        state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
+        state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
         started = time.perf_counter()
         model = state.model()
         metrics = _evaluate_splits(model, prep, cfg, mesh)
@@ -344,13 +354,10 @@ def _machine_load() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def check_output_dir(config: ExperimentConfig, *, overwrite: bool) -> pathlib.Path:
+def writable_output_dir(config: ExperimentConfig) -> pathlib.Path:
     out = pathlib.Path(config.output_dir)
-    if (out / RESULTS_JSON).exists() and not overwrite:
-        raise SweepError(f"{out} already holds a rank search ({RESULTS_JSON}); pass --overwrite or set "
-                         "output_dir=... to another folder", "output_dir")
     try:
-        (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SweepError(f"{out} is not writable ({err.strerror}); set output_dir=... to a writable folder",
                          "output_dir") from None
@@ -374,13 +381,31 @@ def run_rank_search(
     *,
     compare_sequential: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     report: bool = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep (``sweep.mode``; with ``compare_sequential`` also the other way
-    round for the wall-time ratio) and write the results; returns the JSON payload."""
-    out = check_output_dir(config, overwrite=overwrite)
+    round for the wall-time ratio) and write the results; returns the JSON payload.
+
+    Each point is kept as it finishes (``peftjax.rank_search.progress``); with
+    ``resume`` the finished ones are read back instead of trained again. The
+    output folder is locked for the sweep, and a SIGTERM or SIGINT stops it
+    after the current step with ``Preempted``: the finished points are kept,
+    the program in training starts over on ``--resume``.
+    """
+    out = writable_output_dir(config)
+    with OutputLock(out), StopSignals() as stop:
+        progress = SweepProgress(out, config, sweep, resume=resume, overwrite=overwrite,
+                                 finished_results=(out / RESULTS_JSON).exists())
+        return _run_rank_search(config, sweep, out, progress, stop, compare_sequential=compare_sequential,
+                                report=report, log=log, command=command)
+
+
+def _run_rank_search(config: ExperimentConfig, sweep: SweepConfig, out: pathlib.Path, progress: SweepProgress,
+                     stop: StopSignals, *, compare_sequential: bool, report: bool, log: Callable[[str], None],
+                     command: str | None) -> dict[str, Any]:
     target_sets = validate_against_model(config, sweep)
     points = _plan(sweep, target_sets, config.optim.learning_rate)
     primary = sweep.mode
@@ -393,15 +418,26 @@ def run_rank_search(
     for mode in modes:
         load_before = _machine_load()
         started = time.perf_counter()
-        results = (run_batched(config, sweep, target_sets, points, log=log) if mode == "batched"
-                   else run_sequential(config, target_sets, points, log=log))
-        rows = []
+        by_name = {p.name: row for p, row in ((p, progress.finished(mode).get(p.name)) for p in points) if row}
+        reused = len(by_name)
+        if reused:
+            log(f"{mode}: {reused} of {len(points)} points already trained in {progress.folder}; training the rest")
+
+        def after_step(step: int, mode=mode, by_name=by_name) -> None:
+            if stop.requested(step):
+                raise Preempted(stop.signum, step, f"{progress.folder} ({mode}: {len(by_name)} of {len(points)} "
+                                "points finished; the program in training starts over)")
+
+        kwargs = dict(log=log, done=set(by_name), after_step=after_step)
+        results = (run_batched(config, sweep, target_sets, points, **kwargs) if mode == "batched"
+                   else run_sequential(config, target_sets, points, **kwargs))
         for result in results:
-            rows.append(result.row)
-            if mode == primary:
-                save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
+            name = Point.of(result.row).name
+            progress.record(mode, name, result.row, result.factors if mode == primary else None)
+            by_name[name] = result.row
+        rows = [by_name[p.name] for p in points]
         programs = _unique_programs(rows)
-        timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
+        timing[mode] = {"wall_s": time.perf_counter() - started, "points_reused": reused, "load_before": load_before,
                         "load_after": _machine_load(), "programs": len(programs),
                         "first_step_s_total": float(sum(r["first_step_s"] for r in programs)),
                         "train_s_total": float(sum(r["train_s"] for r in programs)),
@@ -409,7 +445,9 @@ def run_rank_search(
                         "eval_s_total": float(sum(r["eval_s"] for r in rows))}
         rows_by_mode[mode] = rows
         log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
-        if len(rows_by_mode) == 2:
+        if len(rows_by_mode) == 2 and not any(timing[m]["points_reused"] for m in rows_by_mode):
+            # Only when both modes trained every point in this invocation: wall times of a resumed
+            # sweep cover part of the work.
             timing["batched_over_sequential"] = timing["batched"]["wall_s"] / timing["sequential"]["wall_s"]
         # Written after each mode, so a long comparison that fails later keeps the sweep's results.
         payload = _write_results(out, config, sweep, target_sets, rows_by_mode, primary, timing, command, report)
