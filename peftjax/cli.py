@@ -33,14 +33,13 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from peftjax.core.adapter_io import load_adapter
     from peftjax.train.runner import build_model, load_task
     from peftjax.train.sharding import make_mesh
     from peftjax.train.tasks import evaluate, loss_and_stats
 
     config = _load(args.config, args.overrides)
     task, _ = load_task(config)
-    model = load_adapter(build_model(config, task.num_labels), args.checkpoint)
+    model = build_model(config, task.num_labels, adapter=args.checkpoint)
     loss_fn, mesh = loss_and_stats(config.data.task), make_mesh()
     scores = {}
     for split in ("eval", "test"):
@@ -59,7 +58,7 @@ def _log_line(line: str) -> None:
 
 
 def _rank_search(args) -> int:
-    from peftjax.rank_search import load_rank_search, run_rank_search
+    from peftjax.rank_search import SweepError, load_rank_search, run_comparison, run_rank_search
 
     config, sweep = load_rank_search(args.config, args.overrides)
     if args.mode:
@@ -68,12 +67,21 @@ def _rank_search(args) -> int:
     flags += ["--compare-sequential"] if args.compare_sequential else []
     flags += ["--resume"] if args.resume else []
     command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
-    payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
-                              resume=args.resume,
-                              log=(lambda line: None) if args.quiet else _log_line, command=command)
+    log = (lambda line: None) if args.quiet else _log_line
+    if sweep.searches == ("grid",):
+        payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
+                                  resume=args.resume, log=log, command=command)
+    elif args.compare_sequential:
+        raise SweepError("--compare-sequential times the grid alone; drop it or set sweep.searches: [grid]",
+                         "sweep.searches")
+    else:
+        payload = run_comparison(config, sweep, overwrite=args.overwrite, resume=args.resume, log=log,
+                                 command=command)
+    picked = [{k: e.get(k) for k in ("search", "target_set", "picked_rank", "mean", "points_from_grid_best",
+                                     "flops_fraction_of_grid")} for e in payload.get("comparison", {}).get("entries", [])]
     print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
-                      "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
-                     indent=2))
+                      "pareto": payload.get("pareto"), "timing_ratio": payload.get("timing", {}).get(
+                          "batched_over_sequential"), "comparison": picked}, indent=2))
     return 0
 
 
@@ -183,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
     bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, resnet-50, ...), minilm, or a folder")
-    bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
+    bench.add_argument("--methods", default="all",
+                       help="comma-separated YAML method types, with settings as type:field=value "
+                            "(full,lora,lora:rank=16,ia3,bottleneck:variant=pfeiffer,...), or 'all'")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--seq", type=int, default=128, help="tokens per example (text models)")
     bench.add_argument("--image-size", type=int, default=224, help="side of the square images (image models)")

@@ -10,8 +10,11 @@ rules in force, in order:
 1. the ``rules`` passed by the caller;
 2. each applied method's own rules (``also_train`` patterns, LoRA+'s B label,
    BitFit's biases, ...), in the order the methods were applied;
-3. ``AdapterParam -> "adapter"``;
-4. ``nnx.Param -> "frozen"`` unless the caller passed ``rules`` (then an
+3. a new head (parameters ``from_pretrained`` initialised because the
+   checkpoint lacked them) -> ``"new_head"``, unless it was loaded with
+   ``freeze_new_head=True`` (see ``peftjax.core.new_head``);
+4. ``AdapterParam -> "adapter"``;
+5. ``nnx.Param -> "frozen"`` unless the caller passed ``rules`` (then an
    uncovered parameter is an error naming it).
 
 Labels other than ``"frozen"`` train. ``make_optimizer`` sends ``"frozen"`` to
@@ -32,6 +35,7 @@ import jax
 import optax
 from flax import nnx
 
+from peftjax.core import new_head
 from peftjax.core.batch_stats import fixed_batch_norms
 from peftjax.core.inject import applied_methods, iter_wrappers
 from peftjax.core.paths import dotted
@@ -45,7 +49,7 @@ def label_rules(
 ) -> list[LabelRule]:
     """The ordered rules in force for ``model`` (see the module docstring)."""
     method_rules = [rule for _, config in applied_methods(model) for rule in config.label_rules(model)]
-    defaults: list[LabelRule] = [(AdapterParam, "adapter")]
+    defaults: list[LabelRule] = [*new_head.label_rule(model), (AdapterParam, "adapter")]
     if rules is None:
         defaults.append((nnx.Param, FROZEN))
     return [*overrides, *(rules or ()), *method_rules, *defaults]
@@ -179,8 +183,11 @@ def make_optimizer(
         if label in multipliers:
             chosen = optax.chain(chosen, optax.scale(multipliers[label]))
         per_label[label] = chosen
-    partition = optax.partition(per_label, _label_tree(labels))
-    optimizer = PeftOptimizer(partition.init, partition.update)
+    tx_all = optax.partition(per_label, _label_tree(labels))
+    for adapter_name, config in applied_methods(model):  # what a method does while training (AdaLoRA)
+        tx_all = config.wrap_optimizer(tx_all, model, adapter_name, labels)
+    tx_all = optax.with_extra_args_support(tx_all)
+    optimizer = PeftOptimizer(tx_all.init, tx_all.update)
     optimizer.labels = labels
     optimizer.fixed_batch_norms = fixed_batch_norms(model, labels, update_frozen=update_frozen_batch_stats)
     return optimizer

@@ -171,7 +171,8 @@ class PrefixTuningConfig(MethodConfig):
                 wrapper.prefix_keys[...] = jnp.asarray(array[:, index, 0], wrapper.prefix_keys.dtype)
                 wrapper.prefix_values[...] = jnp.asarray(array[:, index, 1], wrapper.prefix_values.dtype)
 
-        return {"prompt_embeddings": Slot((shape[0], math.prod(shape[1:])), read, write)}
+        written = tuple(v for w in layers for v in (w.prefix_keys, w.prefix_values) if v is not None)
+        return {"prompt_embeddings": Slot((shape[0], math.prod(shape[1:])), read, write, written)}
 
     def wrap(self, module, *, adapter_name, rngs):
         raise PeftError("PrefixTuningConfig sizes its prefixes from the model: apply it with peftjax.apply")

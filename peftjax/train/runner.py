@@ -50,7 +50,7 @@ from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
-from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
+from peftjax.train.tasks import evaluate, loss_and_stats
 
 # ----------------------------------------------------------------------------
 # Building blocks.
@@ -61,19 +61,24 @@ def compute_dtype(config: ExperimentConfig):
     return jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
 
 
-def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
-    """The base model the config names (a checkpoint or a preset), with its head."""
+def build_model(
+    config: ExperimentConfig, num_labels: int | None, adapter: str | os.PathLike | None = None
+) -> nnx.Module:
+    """The base model the config names (a checkpoint or a preset), with its head, and
+    ``adapter`` (a saved adapter folder) loaded onto it when given."""
     from peftjax.models import from_config, from_pretrained
 
     spec = config.model
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
-    kwargs = dict(task=HEADS[config.data.task], num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
+    kwargs = dict(task=config.data.task, num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
     folder = spec.checkpoint_dir()
     try:
         if folder is None:
-            return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+            model = from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+            return model if adapter is None else load_adapter(model, adapter)
         return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
-                               ignore_mismatched_sizes=True, **kwargs)
+                               ignore_mismatched_sizes=True, freeze_new_head=spec.freeze_new_head, adapter=adapter,
+                               **kwargs)
     except ModelLoadError as err:
         raise type(err)(f"{_model_key(config)}: {err}") from None
 
@@ -83,20 +88,57 @@ def _model_key(config: ExperimentConfig) -> str:
     return f"model.path={config.model.path!r}" if config.model.path else f"model.name={config.model.name!r}"
 
 
+def with_model_defaults(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with the data fields left null to follow the model filled in: an image
+    model's size and normalisation (``peftjax.models.names.image_defaults``)."""
+    data = config.data
+    unset = [key for key in ("image_size", "image_mean", "image_std") if getattr(data, key) is None]
+    if data.task != "image_classification" or not unset:
+        return config
+    from peftjax.models import registry
+    from peftjax.models.factory import preset_config
+    from peftjax.models.loading import read_config
+    from peftjax.models.names import image_defaults
+
+    folder = config.model.checkpoint_dir()
+    if folder is None:
+        model_config = preset_config(config.model.name)
+    else:
+        model_config = registry.config_from_hf_dict(read_config(folder))
+    defaults = image_defaults(model_config, folder)
+    return dataclasses.replace(config, data=dataclasses.replace(data, **{key: defaults[key] for key in unset}))
+
+
 def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
+    config = with_model_defaults(config)
     data_lib.check_data_files(config.data)
     kind = config.data.source.split(":", 1)[0]
     tokenizer = None
     if config.data.task != "image_classification" and kind != "synthetic":
         folder = config.model.tokenizer_dir()
         if folder is None:
-            raise RunError(f"model {config.model.name!r} has no tokenizer folder; set model.tokenizer=PATH")
+            raise RunError(f"model {config.model.name!r} is a preset without a packaged tokenizer; set model.tokenizer "
+                           "to the folder of the tokenizer its vocabulary belongs to")
         try:
             tokenizer = data_lib.load_tokenizer(folder)
         except PeftError as err:
             key = f"model.tokenizer={config.model.tokenizer!r}" if config.model.tokenizer else _model_key(config)
             raise type(err)(f"{key}: {err}") from None
     return data_lib.load_data(config.data, tokenizer), tokenizer
+
+
+def check_image_shape(config: ExperimentConfig, model: nnx.Module, task: data_lib.TaskData) -> None:
+    """Raises before compiling when the images cannot go into a fixed-size model (ViT)."""
+    size, channels = getattr(model.config, "image_size", None), getattr(model.config, "num_channels", 3)
+    if task.task != "image_classification" or size is None:
+        return
+    height, width, got = task["train"].images.shape[1:]
+    if (height, width, got) != (size, size, channels):
+        raise RunError(
+            f"data gives {height}x{width} images with {got} channels, but model {config.model.name!r} takes "
+            f"{size}x{size} with {channels} (its config's image_size, num_channels); leave data.image_size "
+            f"null to follow the model, or set it to {size}"
+        )
 
 
 def apply_methods(model: nnx.Module, config: ExperimentConfig) -> nnx.Module:
@@ -125,14 +167,18 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def build_optimizer(config: ExperimentConfig, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+    config: ExperimentConfig, total_steps: int, *, adafactor: Callable = optax.adafactor
+) -> optax.GradientTransformation:
+    """``config.optim`` with its schedule and clipping. ``adafactor(lr)`` builds Adafactor
+    (the rank search's batched mode passes one that counts each member's own entries)."""
     o = config.optim
     lr = learning_rate_schedule(config, total_steps)
     make = {
         "adamw": lambda: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
         "adam": lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
         "sgd": lambda: optax.sgd(lr, momentum=o.momentum or None),
-        "adafactor": lambda: optax.adafactor(lr),
+        "adafactor": lambda: adafactor(lr),
         "lion": lambda: optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     }
     tx = make[o.name]()
@@ -228,6 +274,7 @@ def load_streams(
 def prepare(config: ExperimentConfig) -> Prepared:
     task, tokenizer = load_task(config)
     model = build_model(config, task.num_labels)
+    check_image_shape(config, model, task)
     _check_token_ids(config, model, tokenizer, task)
     apply_methods(model, config)
     strategies = build_strategies(config.strategy_dicts())
@@ -267,6 +314,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     for the run. A SIGTERM or SIGINT stops the run after the current step with
     a checkpoint, raising ``Preempted`` (see ``peftjax.train.preemption``).
     """
+    config = with_model_defaults(config)  # the values used are the values recorded
     out = writable_output_dir(config)
     with OutputLock(out), StopSignals() as stop:
         return _run(config, out, resume=start_point(out, config, resume=resume), progress=progress, fsdp=fsdp,
@@ -393,7 +441,7 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
         if split in prep.task.splits:
             final.update({f"{split}_{k}": v for k, v in evaluate_split(model, split).items()})
     if best["step"] is not None and best["step"] != int(state.step) and "test" in prep.task.splits:
-        best_model = load_adapter(build_model(config, prep.task.num_labels), out / "best")
+        best_model = build_model(config, prep.task.num_labels, adapter=out / "best")
         final.update({f"best_test_{k}": v for k, v in evaluate_split(best_model, "test").items()})
     if best["metric"] is not None:
         final[f"best_eval_{metric_name}"] = best["metric"]

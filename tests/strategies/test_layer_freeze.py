@@ -30,11 +30,11 @@ EXAMPLE = ROOT / "experiments" / "configs" / "sst2_minilm_layer_freeze.yaml"
 @pytest.mark.parametrize(
     ("preset", "task", "embeddings", "blocks", "head"),
     [
-        ("bert-tiny", "sequence-classification", "bert.embeddings", "bert.encoder.layer", ("classifier",)),
-        ("roberta-tiny", "sequence-classification", "roberta.embeddings", "roberta.encoder.layer", ("classifier",)),
-        ("llama-tiny", "sequence-classification", "model.embed_tokens", "model.layers", ("score",)),
-        ("llama-tiny", "causal-lm", "model.embed_tokens", "model.layers", ()),  # the head is the tied table
-        ("vit-tiny", "image-classification", "vit.embeddings", "vit.encoder.layer", ("classifier",)),
+        ("bert-tiny", "classification", "bert.embeddings", "bert.encoder.layer", ("classifier",)),
+        ("roberta-tiny", "classification", "roberta.embeddings", "roberta.encoder.layer", ("classifier",)),
+        ("llama-tiny", "classification", "model.embed_tokens", "model.layers", ("score",)),
+        ("llama-tiny", "causal_lm", "model.embed_tokens", "model.layers", ()),  # the head is the tied table
+        ("vit-tiny", "image_classification", "vit.embeddings", "vit.encoder.layer", ("classifier",)),
     ],
 )
 def test_layer_groups_of_every_model_family(preset, task, embeddings, blocks, head):

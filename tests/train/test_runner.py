@@ -117,15 +117,3 @@ def test_bf16_remat_and_accumulation_keep_fp32_adapters(tmp_path):
     assert {a.dtype for a in adapter.values()} == {np.dtype("float32")}
     lines = [json.loads(x) for x in (pathlib.Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
-
-
-def test_causal_lm_through_the_runner(tmp_path):
-    config = load(write_config(
-        tmp_path,
-        model={"name": "llama-tiny"},
-        methods=[{"type": "lora", "targets": ["q_proj", "v_proj"], "rank": 2}],
-        data={"task": "causal_lm", "label_column": None, "test_split": None},
-        train={"steps": 6, "eval_every": 0, "checkpoint_every": 0},
-    ))
-    result = run(config, progress=False)
-    assert 0 < result["metrics"]["eval_loss"] < 10 and "eval_accuracy" in result["metrics"]
