@@ -347,7 +347,7 @@ def edit_config(folder, **fields):
         (dict(target_modules=["c_attn"]), r"does not fit this model: .*matched no module"),
         (dict(r=2), r"shape mismatches \['base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight: "
                     r"file \(4, 32\), model \(2, 32\)"),
-        (dict(rank_pattern={"query": 8}), r"\{'rank_pattern': \{'query': 8\}\} set, which peftjax's LoraConfig does "
+        (dict(layers_to_transform=[0]), r"\{'layers_to_transform': \[0\]\} set, which peftjax's LoraConfig does "
                                           r"not implement"),
         (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa'.*convert the adapter to plain LoRA"),
         (dict(target_modules="all-linear"), r"target_modules='all-linear'; peftjax needs the modules spelled out"),
