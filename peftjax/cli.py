@@ -1,4 +1,4 @@
-"""The ``peftjax`` command (also ``python -m peftjax``): ``train``, ``eval``,
+"""The ``peftjax`` command (also ``python -m peftjax``): ``train``, ``eval``, ``fisher``,
 ``rank-search``, ``bench``, ``convert-adapter`` and ``combine-adapters``."""
 
 from __future__ import annotations
@@ -47,6 +47,15 @@ def _eval(args) -> int:
             found = evaluate(model, task.eval_loader(config.train.eval_batch_size, split), loss_fn, mesh)
             scores.update({f"{split}_{k}": v for k, v in found.items()})
     print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _fisher(args) -> int:
+    from peftjax.strategies.ewc import fisher_for_config
+
+    summary = fisher_for_config(_load(args.config, args.overrides), args.checkpoint, args.out, split=args.split,
+                                examples=args.examples, labels=args.labels)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -176,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*")
     evaluate.add_argument("--checkpoint", required=True, help="an adapter folder (OUTPUT/best or OUTPUT/adapter)")
     evaluate.set_defaults(handler=_eval)
+
+    fisher = commands.add_parser("fisher", help="diagonal Fisher of a trained adapter on a task's data, for EWC")
+    fisher.add_argument("config", help="the experiment YAML the adapter was trained with")
+    fisher.add_argument("overrides", nargs="*")
+    fisher.add_argument("--checkpoint", required=True, help="the trained adapter folder (OUTPUT/adapter)")
+    fisher.add_argument("--out", required=True, help="the safetensors file to write (strategies: ewc.fisher)")
+    fisher.add_argument("--split", default="train", choices=("train", "eval", "test"), help="the data split")
+    fisher.add_argument("--examples", type=int, default=1000, help="the first N examples of the split")
+    fisher.add_argument("--labels", default="model", choices=("model", "empirical"),
+                        help="labels drawn from the model (the Fisher) or the data's (the empirical Fisher)")
+    fisher.set_defaults(handler=_fisher)
 
     search = commands.add_parser("rank-search", help="train LoRA at many ranks x target sets x seeds; report")
     search.add_argument("config", help="experiment YAML with one LoRA method and a 'sweep:' section")

@@ -291,13 +291,20 @@ class ScheduleConfig(Section):
 
     Warmup is ``warmup_steps``, or ``warmup_ratio`` of the total steps when that
     is set (not both). Steps here are optimizer updates, i.e. after gradient
-    accumulation.
+    accumulation. ``decay: slanted_triangular`` is ULMFiT's schedule (Howard &
+    Ruder 2018) instead: a linear rise from peak/``ratio`` to the peak over the
+    first ``cut_frac`` of the steps, then a linear fall back to peak/``ratio``
+    (no warmup, and ``end_lr_ratio`` unused). The schedule counts the run's
+    optimizer steps for every parameter, also for a group that starts
+    training late (gradual unfreezing).
     """
 
     warmup_steps: int = 0
     warmup_ratio: float | None = None
-    decay: Literal["cosine", "linear", "constant"] = "linear"
+    decay: Literal["cosine", "linear", "constant", "slanted_triangular"] = "linear"
     end_lr_ratio: float = 0.0
+    cut_frac: float = 0.1
+    ratio: float = 32.0
 
     def _validate(self) -> None:
         require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
@@ -305,6 +312,11 @@ class ScheduleConfig(Section):
             require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
             require(self.warmup_steps == 0, "warmup_ratio", "set warmup_steps or warmup_ratio, not both")
         require(0 <= self.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
+        require(0 < self.cut_frac < 1, "cut_frac", f"must be in (0, 1), got {self.cut_frac}")
+        require(self.ratio >= 1, "ratio", f"must be at least 1, got {self.ratio}")
+        if self.decay == "slanted_triangular":
+            require(self.warmup_steps == 0 and not self.warmup_ratio, "warmup_steps",
+                    "slanted_triangular rises over cut_frac of the steps by itself; set warmup to 0")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps``."""

@@ -32,7 +32,7 @@ from peftjax.config import ExperimentConfig
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
-from peftjax.core.labels import PeftOptimizer
+from peftjax.core.labels import PeftOptimizer, ScheduledTransformation, scheduled
 from peftjax.errors import ModelLoadError, NonFiniteLossError, PeftError, Preempted, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
@@ -48,6 +48,7 @@ from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, RunLog, start_point, writable_output_dir
 from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
+from peftjax.train.schedules import slanted_triangular
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import evaluate, loss_and_stats
@@ -55,6 +56,18 @@ from peftjax.train.tasks import evaluate, loss_and_stats
 # ----------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------
+
+
+def finished_result(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The result of a finished run of this very config in its output folder, else None
+    (an experiment driver started again reuses it; a run of an edited config is not it)."""
+    path = pathlib.Path(config.output_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(config.to_dict()))
+    same = {**result["config"], "output_dir": None} == {**wanted, "output_dir": None}  # found in it, by any spelling
+    return result if same else None
 
 
 def compute_dtype(config: ExperimentConfig):
@@ -153,6 +166,8 @@ def apply_methods(model: nnx.Module, config: ExperimentConfig) -> nnx.Module:
 
 def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.Schedule:
     peak, sched = config.optim.learning_rate, config.schedule
+    if sched.decay == "slanted_triangular":
+        return slanted_triangular(peak, total_steps, cut_frac=sched.cut_frac, ratio=sched.ratio)
     warmup = sched.warmup_for(total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = peak * sched.end_lr_ratio
@@ -169,20 +184,20 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
 
 def build_optimizer(
     config: ExperimentConfig, total_steps: int, *, adafactor: Callable = optax.adafactor
-) -> optax.GradientTransformation:
-    """``config.optim`` with its schedule and clipping. ``adafactor(lr)`` builds Adafactor
-    (the rank search's batched mode passes one that counts each member's own entries)."""
+) -> ScheduledTransformation:
+    """The config's optimizer: the rule at rate 1 per label, the clipping and the
+    schedule once for the whole model (``peftjax.core.labels.scheduled``).
+    ``adafactor(1.0)`` builds Adafactor (the rank search's batched mode passes one
+    that counts each member's own entries)."""
     o = config.optim
-    lr = learning_rate_schedule(config, total_steps)
     make = {
-        "adamw": lambda: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
-        "adam": lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
-        "sgd": lambda: optax.sgd(lr, momentum=o.momentum or None),
-        "adafactor": lambda: adafactor(lr),
-        "lion": lambda: optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+        "adamw": lambda: optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+        "adam": lambda: optax.adam(1.0, b1=o.b1, b2=o.b2, eps=o.eps),
+        "sgd": lambda: optax.sgd(1.0, momentum=o.momentum or None),
+        "adafactor": lambda: adafactor(1.0),
+        "lion": lambda: optax.lion(1.0, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     }
-    tx = make[o.name]()
-    return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), tx) if o.max_grad_norm else tx
+    return scheduled(make[o.name](), learning_rate_schedule(config, total_steps), max_grad_norm=o.max_grad_norm)
 
 
 def versions() -> dict[str, str]:
@@ -284,7 +299,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     batch_size = loop.batch_size * loop.grad_accum
     loader = task.train_loader(batch_size, seed=loop.seed)
     total = loop.steps if loop.steps is not None else max(1, math.ceil(loop.epochs * loader.steps_per_epoch))
-    info = RunInfo(config=config, total_steps=total, steps_per_epoch=loader.steps_per_epoch, batch_size=batch_size)
+    info = RunInfo(config=config, total_steps=total, steps_per_epoch=loader.steps_per_epoch, batch_size=batch_size,
+                   model=model)
     tx = build_optimizer(config, total)
     starts = stage_starts(strategies, info)
     streams = load_streams(config, strategies, tokenizer, model)
