@@ -295,7 +295,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
         tqdm.write(summary(prep.model, state.tx.labels))
     best = meta.get("best", {"metric": None, "step": None})
     positions = {**meta.get("streams", {}), **({MAIN: meta["loader"]} if "loader" in meta else {})}
-    step_fn = make_train_step(step_loss(config.data.task, prep.strategies), grad_accum=loop.grad_accum)
+    step_fn = make_train_step(step_loss(config.data.task, prep.strategies, prep.info), grad_accum=loop.grad_accum)
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 
