@@ -1,5 +1,6 @@
 """The ``peftjax`` command: ``train``, ``eval``, ``rank-search``, ``bench``,
-``convert-adapter`` and ``combine-adapters``."""
+``convert-adapter``, ``combine-adapters`` and the transfer commands
+(``similarity``, ``advise``, ``few-shot``, ``negative-transfer``)."""
 
 from __future__ import annotations
 
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
     combine.add_argument("--format", choices=("peft", "peftjax"), default="peft")
     combine.set_defaults(handler=_combine_adapters)
+
+    from peftjax.transfer.cli import register as register_transfer_commands
+
+    register_transfer_commands(commands)
     return parser
 
 

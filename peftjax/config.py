@@ -95,7 +95,10 @@ class ModelSpec(Section):
     needed when the tokenizer lives apart from the checkpoint. ``num_labels``
     defaults to the number of classes the data has. ``options`` are extra
     keyword arguments for the model constructor (dropout rates, ...), passed
-    through unchecked because the model owns them.
+    through unchecked because the model owns them. ``init: random`` builds
+    the checkpoint's architecture with fresh random weights instead of loading
+    them: the baseline that tells whether pretraining helps at all
+    (``peftjax.transfer.negative_transfer``).
     """
 
     name: str
@@ -103,6 +106,7 @@ class ModelSpec(Section):
     tokenizer: str | None = None
     num_labels: int | None = None
     options: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+    init: Literal["pretrained", "random"] = "pretrained"
 
     def _validate(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")

@@ -90,7 +90,7 @@ def compute_dtype(config: ExperimentConfig):
 
 def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
     """The base model the config names (a checkpoint or a preset), with its head."""
-    from peftjax.models import from_config, from_pretrained
+    from peftjax.models import checkpoint_architecture, from_config, from_pretrained
 
     spec = config.model
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
@@ -98,6 +98,8 @@ def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
     folder = spec.checkpoint_dir()
     if folder is None:
         return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+    if spec.init == "random":  # the checkpoint's architecture, its weights left unread
+        return from_config(checkpoint_architecture(folder), seed=config.train.seed, **kwargs, **overrides)
     return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
                            ignore_mismatched_sizes=True, **kwargs)
 

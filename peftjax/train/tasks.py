@@ -142,9 +142,10 @@ def _features_and_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch)
 
 def features_and_logits(
     model: nnx.Module, examples: TextExamples | ImageExamples, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features (N, hidden) and logits (N, ...) of every example, in order,
-    with ``model`` in eval mode; one program per batch shape."""
+    with ``model`` in eval mode (logits None for a model without a head); one
+    program per batch shape."""
     model.eval()
     graphdef, state = nnx.split(model)
     loader = BatchLoader.for_evaluation(examples, batch_size)
@@ -152,5 +153,6 @@ def features_and_logits(
     for indices in loader.epoch_plan(0):
         batch_features, batch_logits = _features_and_logits(graphdef, state, loader.batch(indices))
         features.append(np.asarray(batch_features[: len(indices)], np.float32))
-        logits.append(np.asarray(batch_logits[: len(indices)], np.float32))
-    return np.concatenate(features), np.concatenate(logits)
+        if batch_logits is not None:
+            logits.append(np.asarray(batch_logits[: len(indices)], np.float32))
+    return np.concatenate(features), np.concatenate(logits) if logits else None

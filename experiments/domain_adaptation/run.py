@@ -1,0 +1,109 @@
+"""The domain-adaptation experiment: source SST-2, targets yelp and imdb, six arms, three seeds.
+
+    nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py   # -> runs/domain_adaptation/
+
+Arms (each a cell of ``peftjax.transfer.grid`` over config.yaml):
+
+* source_only: the base config (trained once per seed, scored on both targets);
+* dann, mmd, pseudo_label, importance_weighting: the base plus that strategy
+  with the target's pool as its target stream;
+* target_supervised: the base with the target's pool, labelled, as the data.
+
+Every run is scored on its target's 500 held-out rows. The similarity of each
+(source, target) pair is ``peftjax similarity`` on 500 rows of each, embedded by
+the pretrained encoder. Interrupted, it goes on from the cells already done.
+Writes results.json and results.md beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import yaml
+
+from peftjax.cli import _load
+from peftjax.config import DataConfig
+from peftjax.transfer.grid import Cell, mean_and_std, run_cells
+from peftjax.transfer.similarity import Encoder, similarity
+
+HERE = pathlib.Path(__file__).parent
+SEEDS = (0, 1, 2)
+STRATEGIES = {
+    "dann": {"type": "dann", "weight": 1.0, "gamma": 10.0, "hidden": 256},
+    "mmd": {"type": "mmd", "weight": 1.0},
+    "pseudo_label": {"type": "pseudo_label", "threshold": 0.9, "rounds": 3, "start": 0.5},
+    "importance_weighting": {"type": "importance_weighting", "clip": 10.0},
+}
+ARMS = ("source_only", *STRATEGIES, "target_supervised")
+
+
+def log(line: str) -> None:
+    print(time.strftime("%H:%M:%S"), line, flush=True)
+
+
+def cells(targets: dict[str, dict]) -> list[tuple[Cell, dict[str, DataConfig]]]:
+    """Each cell with the targets it is scored on, seed by seed (a stopped run has every arm's first seeds)."""
+    every = {name: DataConfig.from_dict(data) for name, data in targets.items()}
+    found = []
+    for s in SEEDS:
+        found.append((Cell({"arm": "source_only", "seed": s}, {"train.seed": s}), every))
+        for target, data in targets.items():
+            for arm, strategy in STRATEGIES.items():
+                overrides = {"train.seed": s, "strategies": [{**strategy, "target": data}]}
+                found.append((Cell({"arm": arm, "target": target, "seed": s}, overrides), {target: every[target]}))
+            found.append((Cell({"arm": "target_supervised", "target": target, "seed": s},
+                               {"train.seed": s, "data": data}), {target: every[target]}))
+    return found
+
+
+def measure_similarity(base, targets: dict[str, dict]) -> dict[str, dict]:
+    encoder = Encoder.load(base.model.name)
+    source = encoder.embed(encoder.load_data(base.data), examples=500, seed=0)
+    found = {}
+    for name, data in targets.items():
+        target = encoder.embed(encoder.load_data(DataConfig.from_dict(data)), examples=500, seed=0)
+        found[name] = similarity(source, target, seed=0)
+        log(f"similarity sst2 -> {name}: {found[name]}")
+    return found
+
+
+def table(rows: list[dict], found: dict[str, dict], targets: list[str]) -> str:
+    lines = ["| arm | " + " | ".join(f"{t} accuracy" for t in targets) + " |", "| --- |" + " ---: |" * len(targets)]
+    for arm in ARMS:
+        values = []
+        for target in targets:
+            scores = [row[f"{target}_accuracy"] for row in rows
+                      if row["arm"] == arm and row.get("target", target) == target]
+            mean, std = mean_and_std(scores)
+            values.append(f"{mean:.4f} ± {std:.4f}")
+        lines.append(f"| {arm} | " + " | ".join(values) + " |")
+    lines.append("| proxy A-distance (sst2 -> target) | "
+                 + " | ".join(f"{found[t]['proxy_a_distance']:.3f}" for t in targets) + " |")
+    lines.append("| MMD² (sst2 -> target) | " + " | ".join(f"{found[t]['mmd2']:.4f}" for t in targets) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    out = pathlib.Path("runs/domain_adaptation")
+    base = _load(str(HERE / "config.yaml"), [])
+    targets = yaml.safe_load((HERE / "targets.yaml").read_text())
+    found = measure_similarity(base, targets)
+    rows = []
+    plan = cells(targets)
+    for index, (cell, scored_on) in enumerate(plan):
+        log(f"cell {index + 1}/{len(plan)}: {dict(cell.key)}")
+        rows += run_cells(base, [cell], out, evaluate_on=scored_on, compile_cache=out / "compile_cache", log=log)
+    names = list(targets)
+    payload = {"command": "nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py", "seeds": list(SEEDS),
+               "strategies": STRATEGIES, "similarity": found, "rows": rows}
+    (HERE / "results.json").write_text(json.dumps(payload, indent=2))
+    (HERE / "results.md").write_text(table(rows, found, names) + "\n")
+    print(table(rows, found, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
