@@ -35,7 +35,7 @@ def k_shot_rows(labels: np.ndarray, k: int, seed: int, *, names: tuple[str, ...]
     classes, counts = np.unique(labels, return_counts=True)
     short = [(int(c), int(n)) for c, n in zip(classes, counts) if n < k]
     if short:
-        described = ", ".join(f"class {names[c] if names else c} has {n}" for c, n in short)
+        described = ", ".join(f"class {names[c]!r} has {n}" if names else f"class {c} has {n}" for c, n in short)
         raise DataError(f"data.shots_per_class={k} is more than a class has ({described} training rows); "
                         f"lower shots_per_class to at most {int(counts.min())}")
     rng = np.random.default_rng(seed)
