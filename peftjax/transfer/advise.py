@@ -69,8 +69,10 @@ class Advice:
 
     @property
     def summary(self) -> str:
-        names = [self.method["type"] + (f" ({self.method['targets']})" if "targets" in self.method else "")]
-        return " + ".join(names + [s["type"] for s in self.strategies])
+        """``lora (query, value) + dann``: the method, what it targets, the strategies."""
+        targets = self.method.get("targets")
+        where = f" ({targets if isinstance(targets, str) else ', '.join(targets)})" if targets else ""
+        return " + ".join([self.method["type"] + where] + [s["type"] for s in self.strategies])
 
 
 def size_class(smallest_class: int) -> str:

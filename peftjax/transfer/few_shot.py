@@ -6,7 +6,7 @@ The file is an experiment config (the base of every run) plus::
       shots: [4, 8, 16, 32, 64, 128]     # K, examples per class
       seeds: [0, 1, 2, 3, 4]
       metric: test_accuracy
-      arms:                              # name -> dotted overrides of the base
+      arms:                              # name -> dotted overrides of the base (run and shown by name)
         linear_probe: {methods: [{type: linear_probe}], optim.learning_rate: 1.0e-2}
         lora: {methods: [{type: lora, targets: [query, value], rank: 8, also_train: ['classifier\\..*']}]}
 

@@ -10,7 +10,8 @@ each a whole ``peftjax train`` run in a folder of its own under
 finished by an earlier invocation and is read back, so an interrupted grid
 goes on where it stopped. Programs that several cells compile alike (the
 same method and batch shapes, another seed or K) are compiled once when a
-persistent compilation cache is set (``compile_cache``).
+persistent compilation cache is set (``compile_cache``, unless the process
+has one already).
 
 After a cell's run its final model can be evaluated on the test split of
 other data (``evaluate_on``: a domain-adaptation run trains on the source
@@ -56,9 +57,12 @@ class Cell:
 
 
 def use_compile_cache(folder: str | pathlib.Path) -> None:
-    """Keep every compiled program in ``folder`` so that a later run compiling the same one loads it."""
+    """Keep every compiled program in ``folder`` so that a later run compiling the same one loads it,
+    unless the process already has a persistent cache (``JAX_COMPILATION_CACHE_DIR``)."""
     import jax
 
+    if jax.config.jax_compilation_cache_dir:
+        return
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -94,8 +98,6 @@ def run_cells(
     """Runs every cell not yet finished; returns one row per cell: its key, the
     run's final metrics, ``<name>_accuracy``/``_loss`` for each ``evaluate_on``
     entry, trainable parameters, steps and wall time."""
-    import jax
-
     from peftjax.train.runner import run
 
     out = pathlib.Path(out)
@@ -125,7 +127,6 @@ def run_cells(
         rows.append(row)
         scores = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.endswith("accuracy"))
         log(f"[{index + 1}/{len(cells)}] {dict(cell.key)}: {scores} ({row['wall_time_s']:.0f} s)")
-        jax.clear_caches()  # programs stay in the persistent cache; memory does not grow with the grid
     return rows
 
 

@@ -17,6 +17,7 @@ reads, and the check that two datasets share a label set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -57,6 +58,7 @@ class Encoder:
     tokenizer: Any
 
     @classmethod
+    @functools.lru_cache(maxsize=2)  # one process measuring several pairs loads (and compiles) once
     def load(cls, model: str) -> Encoder:
         from peftjax.models import from_pretrained
 
