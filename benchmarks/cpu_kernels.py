@@ -5,9 +5,10 @@ alone, JAX against PyTorch on the same shapes (batch 32 x 64 tokens, MiniLM's 12
 32, hidden 384, FFN 1536), forward and backward together, to say how much each candidate
 fix could win before anyone builds it:
 
-* attention: peftjax's own (grouped-query einsums, boolean mask) against
-  ``jax.nn.dot_product_attention`` (XLA implementation) and PyTorch's fused
-  ``scaled_dot_product_attention``;
+* attention: peftjax's two paths (the explicit softmax it keeps for attention dropout,
+  and ``jax.nn.dot_product_attention``, which it runs without) against PyTorch's fused
+  ``scaled_dot_product_attention``, with leaves in JAX's (B, T, N, H) layout (transposed
+  for torch, whose gradients then come back through the transposes) and in torch's own;
 * GELU: the exact (erf) form the checkpoint uses, against the tanh approximation;
 * the step's matmul shapes, as GFLOP/s (``x @ W`` forward, ``g @ W.T`` and ``x.T @ g``
   backward).
@@ -80,13 +81,22 @@ def attention(repeats: int) -> dict[str, float]:
     no_dropout = nnx.Dropout(0.0, rngs=nnx.Rngs(0))
     ours = functools.partial(common.dot_product_attention, mask_bts=mask_bts, dropout=no_dropout)
     xla = functools.partial(jax.nn.dot_product_attention, mask=mask_bts[:, None])
+    explicit = functools.partial(common.explicit_attention, mask_bts=mask_bts, dropout=no_dropout)
     to_bnth = lambda x: x.transpose(1, 2)  # noqa: E731  (torch's layout: heads before tokens)
     sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(to_bnth(q), to_bnth(k), to_bnth(v))  # noqa: E731
+    bnth = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
     return {
-        "peftjax dot_product_attention": median_ms(jax_forward_backward(ours, q, k, v), repeats),
-        "jax.nn.dot_product_attention (xla)": median_ms(jax_forward_backward(xla, q, k, v), repeats),
-        "torch scaled_dot_product_attention": median_ms(torch_forward_backward(sdpa, q, k, v), repeats),
-    }
+        "peftjax explicit_attention (the path with attention dropout)": median_ms(
+            jax_forward_backward(explicit, q, k, v), repeats),
+        "peftjax dot_product_attention (jax.nn.dot_product_attention, xla)": median_ms(
+            jax_forward_backward(ours, q, k, v), repeats),
+        "jax.nn.dot_product_attention (xla), boolean mask": median_ms(jax_forward_backward(xla, q, k, v), repeats),
+        "torch scaled_dot_product_attention, (B, T, N, H) leaves transposed": median_ms(
+            torch_forward_backward(sdpa, q, k, v), repeats),
+        # As in the training step: HF builds (B, N, T, H) views; leaves already in that layout.
+        "torch scaled_dot_product_attention, (B, N, T, H) leaves": median_ms(
+            torch_forward_backward(torch.nn.functional.scaled_dot_product_attention, *bnth), repeats),
+    }  # fmt: skip
 
 
 def gelu(repeats: int) -> dict[str, float]:

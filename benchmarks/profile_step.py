@@ -4,9 +4,11 @@ Builds both sides exactly as ``compare_hf_peft.py`` does (same checkpoint, metho
 sequence length, dropout off), warms them up, then profiles ``--steps`` steps of each:
 
 * peftjax: ``jax.profiler`` trace, read back with xprof's trace viewer; every compiled HLO
-  instruction's time is grouped as a matmul (by output shape) or as an elementwise / reduce
-  fusion (by the ops inside it);
-* PyTorch: ``torch.profiler``, self CPU time per aten op.
+  instruction's time is grouped as a matmul (by output shape) or as a fusion (by the ops
+  inside it), and put in a category by the model code that made it (``hlo_tools.where``):
+  attention is what ``peftjax.models.common``'s attention compiled to, forward and backward;
+* PyTorch: ``torch.profiler``, self CPU time per aten op; attention is the
+  scaled-dot-product kernels (and ``bmm`` / softmax, should its math path run).
 
     python benchmarks/profile_step.py --method lora --batch 32 --seq 64 --json out.json
 """
@@ -17,59 +19,59 @@ import argparse
 import collections
 import glob
 import json
-import re
 import sys
 import tempfile
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import compare_hf_peft as compare  # noqa: E402
+from comparison import Source, make_batch, set_targets, uptime  # noqa: E402
+from hf_side import HFSide  # noqa: E402
+from hlo_tools import ATTENTION, FREE, HloModule, Instruction, where  # noqa: E402
+from peftjax_side import PeftjaxSide  # noqa: E402
+
 import jax  # noqa: E402
 import torch  # noqa: E402
+
+from peftjax.models import common  # noqa: E402
 
 GROUPS_SHOWN = 15
 CATEGORIES = ("matmuls outside attention", "attention", "FFN activation (GELU, bias)", "other")
 
 
-def categorise(group: str, intermediate_size: int, heads_axis: str) -> str:
-    """One of CATEGORIES for an HLO group or aten op name. XLA's attention ops are the ones
-    with a heads axis in their shape; its FFN activation ops are elementwise on the
-    intermediate width."""
-    if group in ("aten::mm", "aten::addmm"):
+def categorise_aten(op: str) -> str:
+    """One of CATEGORIES for an aten op name."""
+    if op in ("aten::mm", "aten::addmm"):
         return CATEGORIES[0]
-    if "attention" in group or "softmax" in group or heads_axis in group:
+    if "attention" in op or "softmax" in op or op == "aten::bmm":
         return CATEGORIES[1]
-    if group.startswith("matmul"):
-        return CATEGORIES[0]
-    if "gelu" in group or (group.startswith("fused") and f",{intermediate_size}]" in group):
+    if "gelu" in op:
         return CATEGORIES[2]
     return CATEGORIES[3]
 
 
-def _instructions(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> its line, for every instruction of the compiled module."""
-    found = {}
-    for line in hlo_text.splitlines():
-        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
-        if match:
-            found.setdefault(match.group(1), match.group(2))
-    return found
+def categorise_hlo(instruction: Instruction) -> str:
+    """One of CATEGORIES for a compiled instruction, by the model code that made it."""
+    region, component = where(instruction)
+    if region == "layer" and component.split(" | ")[1].startswith(ATTENTION):
+        return CATEGORIES[1]
+    if instruction.kind == "matmul":
+        return CATEGORIES[0]
+    if region == "layer" and "intermediate" in component:
+        return CATEGORIES[2]
+    return CATEGORIES[3]
 
 
-def _group(name: str, line: str, hlo_text: str) -> str:
+def group(instruction: Instruction) -> str:
     """'matmul f32[2048,384]' or 'fused add,exponential,... f32[...]'."""
-    shape = line.split(" ")[0]
-    callee = re.search(r"calls=%?([\w.\-]+)", line)
-    body = hlo_text[hlo_text.find(callee.group(1) + " "):].split("\n}")[0] if callee else line
-    if " dot(" in body:
-        return f"matmul {shape}"
-    ops = set(re.findall(r"= \S+ (\w[\w\-]*)\(", body)) - {"parameter", "bitcast", "constant", "broadcast"}
-    return f"fused {','.join(sorted(ops)) or name.split('.')[0]} {shape}"
+    if instruction.kind == "matmul":
+        return f"matmul {instruction.shape}"
+    ops = sorted(instruction.body_opcodes - FREE - {"broadcast"})
+    return f"fused {','.join(ops) or instruction.opcode} {instruction.shape}"
 
 
-def profile_peftjax(side, steps: int) -> dict[str, float]:
-    """Milliseconds per step by HLO instruction group."""
+def profile_peftjax(side, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Milliseconds per step by HLO instruction group, and by category."""
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)
         for _ in range(steps):
@@ -79,13 +81,16 @@ def profile_peftjax(side, steps: int) -> dict[str, float]:
 
         (trace_file,) = glob.glob(f"{folder}/plugins/profile/*/*.xplane.pb")
         events = json.loads(raw_to_tool_data.xspace_to_tool_data([trace_file], "trace_viewer", {})[0])["traceEvents"]
-    hlo_text = side.compiled.as_text()
-    instructions = _instructions(hlo_text)
-    totals: collections.Counter = collections.Counter()
+    module = HloModule(side.compiled.as_text())
+    groups: collections.Counter = collections.Counter()
+    categories = dict.fromkeys(CATEGORIES, 0.0)
     for event in events:
-        if event.get("ph") == "X" and event["name"] in instructions:
-            totals[_group(event["name"], instructions[event["name"]], hlo_text)] += event.get("dur", 0) / 1e3 / steps
-    return dict(totals.most_common())
+        instruction = module.instruction(event["name"]) if event.get("ph") == "X" else None
+        if instruction is not None:
+            ms = event.get("dur", 0) / 1e3 / steps
+            groups[group(instruction)] += ms
+            categories[categorise_hlo(instruction)] += ms
+    return dict(groups.most_common()), categories
 
 
 def profile_torch(side, steps: int) -> dict[str, float]:
@@ -103,30 +108,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                        help="peftjax's attention without dropout: jax.nn.dot_product_attention (what the models run) "
+                             "or the explicit softmax (what they ran before)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    options = types.SimpleNamespace(method=args.method, rank=8, alpha=16, targets=("query", "value"), dropout=False,
-                                    batch=args.batch, seq=args.seq)
-    folder = compare.model_folder("minilm")
-    batch = compare.make_batch(options, json.loads((folder / "config.json").read_text())["vocab_size"])
-    model_config = json.loads((folder / "config.json").read_text())
-    heads_axis = f"[{args.batch},{model_config['num_attention_heads']},"
-    result = {"config": vars(options) | {"steps": args.steps}, "load_before": compare.uptime()}
-    for side_class, profile in ((compare.PeftjaxSide, profile_peftjax), (compare.HFSide, profile_torch)):
-        side = side_class(options, folder, batch)
+    options = types.SimpleNamespace(model="minilm", method=args.method, dtype="fp32", rank=8, alpha=16.0, targets=None,
+                                    dropout=False, batch=args.batch, seq=args.seq)
+    source = Source.resolve("minilm")
+    set_targets(options, source)
+    batch = make_batch(options, source)
+    if args.attention == "explicit":
+        common.dot_product_attention = lambda q, k, v, mask, *, dropout: common.explicit_attention(
+            q, k, v, mask, dropout=dropout)
+    result = {"config": vars(options) | {"steps": args.steps, "attention": args.attention}, "load_before": uptime()}
+    for side_class in (PeftjaxSide, HFSide):
+        side = side_class(options, source, batch)
         for _ in range(2):
             side.step()
-        groups = profile(side, args.steps)
-        by_category = dict.fromkeys(CATEGORIES, 0.0)
-        for name, ms in groups.items():
-            by_category[categorise(name, model_config["intermediate_size"], heads_axis)] += ms
+        if side_class is PeftjaxSide:
+            groups, by_category = profile_peftjax(side, args.steps)
+        else:
+            groups = profile_torch(side, args.steps)
+            by_category = dict.fromkeys(CATEGORIES, 0.0)
+            for name, ms in groups.items():
+                by_category[categorise_aten(name)] += ms
         result[side.name] = {"total_ms_per_step": sum(groups.values()), "categories_ms_per_step": by_category,
                              "groups_ms_per_step": groups}
         print(f"\n{side.name}: {sum(groups.values()):.0f} ms per step in compiled ops / aten ops")
         print("  " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in by_category.items()))
         for name, ms in list(groups.items())[:GROUPS_SHOWN]:
             print(f"  {ms:8.1f} ms  {name}")
-    result["load_after"] = compare.uptime()
+    result["load_after"] = uptime()
+    result["targets"] = list(options.targets)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (e) ResNets, the methods that apply to a CNN (full, linear probe, BitFit, batch-norm tuning), fp32, batch 8 x
+# (k) ResNets, the methods that apply to a CNN (full, linear probe, BitFit, batch-norm tuning), fp32, batch 8 x
 # 224x224 images: resnet-18 and resnet-34 timed on this machine's CPU, resnet-50 abstract (shapes only: XLA's
 # FLOPs and memory plan, nothing allocated or timed). The load average before and after goes beside the timed
 # results: timings on a shared machine are noisy.

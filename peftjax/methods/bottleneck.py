@@ -6,29 +6,36 @@ b (d = the model's hidden size, b = d // reduction_factor unless given):
     adapter(h) = f(h W_down + b_down) W_up + b_up,   W_down: d x b,  W_up: b x d
 
 It sits on a ``BranchOutput`` insertion point, which sees a residual branch's
-output ``o`` (before the residual add) and the branch's input ``x``:
+output ``o`` before the model adds it to the residual stream ``x`` (and, in
+post-LN models such as BERT, normalises the sum with the layer's LayerNorm
+``LN``). Each variant computes what adapter-transformers' ``DoubleSeqBnConfig``
+(Houlsby), ``SeqBnConfig`` (Pfeiffer) and ``ParBnConfig`` (parallel) compute,
+read off its ``Adapter.pre_forward`` / ``forward`` / ``post_forward``
+(``src/adapters/methods/modeling.py``; the package is not installed here, so
+the tests check the models against those functions transcribed). The point
+returns the new o:
 
-    sequential (Houlsby, Pfeiffer):  o <- o + s * adapter(o)     (s = 1 by default)
-    parallel (He et al. 2022):       o <- o + s * adapter(x)     (s = 4 by default)
+    Houlsby (after attention and after the FFN):  o <- o + s * adapter(o)
+    Pfeiffer (after the FFN):                     o <- o + s * adapter(LN(o + x))   (pre-LN models: o + x)
+    parallel (beside the FFN, He et al.):          o <- o + s * adapter(x)
 
-Houlsby places two adapters per layer, after the attention branch and after
-the feed-forward branch; Pfeiffer one, after the feed-forward branch; the
-parallel adapter runs beside the feed-forward branch, reading its input. He
-et al.'s best "scaled parallel adapter" uses s = 4, which is also the default
-of adapter-transformers' ``ParBnConfig``; the defaults of f follow
-adapter-transformers too (Houlsby "swish", Pfeiffer and parallel "relu").
+Pfeiffer's adapter reads the normalised sum and keeps o as its residual, so a
+post-LN layer outputs LN(o + x + s * adapter(LN(o + x))) with the layer's own
+LN twice (``original_ln_before=True``). In pre-LN models adapter-transformers
+passes no LayerNorm, and x is the un-normalised residual stream, also for
+the parallel adapter. s = 1, or 4 for the parallel adapter (He et al.'s best
+"scaled parallel adapter" and ``ParBnConfig``'s default); f defaults to
+"swish" for Houlsby and "relu" otherwise, as in adapter-transformers.
 
-Simplification: both sequential variants act on the branch output before the
-model's own residual add and layer norm, as in Houlsby et al.; Pfeiffer's
-original also moves the residual and layer norm around the adapter
-(adapter-transformers' ``original_ln_before``), which an insertion point does
-not reach.
-
-W_up and both biases start at zero and W_down uniform on +-1/sqrt(d)
-(adapter-transformers' "mam_adapter" initialisation), so the adapted model
-computes exactly what the base model did until W_up moves. Per adapter the
-method trains 2 d b + b + d parameters. Adapters are nonlinear in the hidden
-state, so they have no merged form.
+Initialisation (``init_weights``, adapter-transformers' names and defaults):
+``"bert"`` for Houlsby and Pfeiffer draws W_down and W_up from N(0, 0.02) with
+zero biases, so the model changes slightly from the start; ``"mam_adapter"``
+for the parallel adapter draws W_down uniform on +-1/sqrt(d) (torch's
+``kaiming_uniform_(a=sqrt(5))``) and zeroes W_up and both biases, so the
+adapted model computes exactly what the base model did until W_up moves.
+Either can be chosen for any variant. Per adapter the method trains
+2 d b + b + d parameters. Adapters are nonlinear in the hidden state, so they
+have no merged form.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ VARIANT_TARGETS = {
 }
 VARIANT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
 VARIANT_SCALING = {"houlsby": 1.0, "pfeiffer": 1.0, "parallel": 4.0}
+VARIANT_INIT = {"houlsby": "bert", "pfeiffer": "bert", "parallel": "mam_adapter"}
+# adapter-transformers' init_bert_weights: N(0, 0.02) whatever the model's initializer_range.
+BERT_INIT_STD = 0.02
 
 
 class BottleneckDown(AdapterParam):
@@ -73,7 +83,7 @@ class BottleneckDown(AdapterParam):
 
 
 class BottleneckUp(AdapterParam):
-    """Up-projection W_up (b, d) and its bias (d,); zero at initialisation."""
+    """Up-projection W_up (b, d) and its bias (d,)."""
 
 
 def model_hidden_size(model: nnx.Module, method: str) -> int:
@@ -100,6 +110,8 @@ class BottleneckConfig(MethodConfig):
       bottleneck_size: b itself; overrides ``reduction_factor`` when given.
       non_linearity: f; None picks the variant's default (see module doc).
       scaling: s; None picks the variant's default (1, or 4 for parallel).
+      init_weights: ``"bert"`` or ``"mam_adapter"`` (see module doc); None
+        picks the variant's default (``"mam_adapter"`` for parallel only).
       targets: defaults to the variant's points, so ``BottleneckConfig(variant=
         "houlsby")`` needs no targets.
     """
@@ -111,6 +123,7 @@ class BottleneckConfig(MethodConfig):
     bottleneck_size: int | None = None
     non_linearity: str | None = None
     scaling: float | None = None
+    init_weights: Literal["bert", "mam_adapter"] | None = None
 
     def __post_init__(self):
         self.check(self.variant in VARIANT_TARGETS, "variant", f"must be one of {sorted(VARIANT_TARGETS)}")
@@ -133,11 +146,19 @@ class BottleneckConfig(MethodConfig):
             f"must be one of {sorted(ACTIVATIONS)} or None",
         )
         self.check(self.scaling is None or self.scaling > 0, "scaling", "must be > 0 or None")
+        self.check(
+            self.init_weights in (None, "bert", "mam_adapter"), "init_weights", "must be 'bert', 'mam_adapter' or None"
+        )
 
     @property
     def activation(self) -> str:
         """The activation in force: ``non_linearity`` or the variant's default."""
         return self.non_linearity or VARIANT_NON_LINEARITY[self.variant]
+
+    @property
+    def initialisation(self) -> str:
+        """The initialisation in force: ``init_weights`` or the variant's default."""
+        return self.init_weights or VARIANT_INIT[self.variant]
 
     @property
     def scale(self) -> float:
@@ -186,14 +207,19 @@ class BottleneckAdapter(AdapterWrapper):
         rngs: nnx.Rngs,
     ):
         super().__init__(base, adapter_name=adapter_name)
-        self.parallel = config.variant == "parallel"
+        self.variant = config.variant
         self.activation = config.activation
         self.scale = config.scale
-        bound = 1.0 / math.sqrt(hidden_size)
-        down = jax.random.uniform(rngs.params(), (hidden_size, bottleneck_size), jnp.float32, -bound, bound)
+        shapes = {"down": (hidden_size, bottleneck_size), "up": (bottleneck_size, hidden_size)}
+        if config.initialisation == "bert":
+            down, up = (BERT_INIT_STD * jax.random.normal(rngs.params(), shapes[k], jnp.float32) for k in shapes)
+        else:
+            bound = 1.0 / math.sqrt(hidden_size)
+            down = jax.random.uniform(rngs.params(), shapes["down"], jnp.float32, -bound, bound)
+            up = jnp.zeros(shapes["up"], jnp.float32)
         self.down_kernel = BottleneckDown(down)
         self.down_bias = BottleneckDown(jnp.zeros((bottleneck_size,), jnp.float32))
-        self.up_kernel = BottleneckUp(jnp.zeros((bottleneck_size, hidden_size), jnp.float32))
+        self.up_kernel = BottleneckUp(up)
         self.up_bias = BottleneckUp(jnp.zeros((hidden_size,), jnp.float32))
 
     def adapter(self, h_btd: jax.Array) -> jax.Array:
@@ -203,9 +229,14 @@ class BottleneckAdapter(AdapterWrapper):
         z_btb = ACTIVATIONS[self.activation](z_btb)
         return z_btb @ self.up_kernel[...].astype(dtype) + self.up_bias[...].astype(dtype)
 
-    def __call__(self, out_btd: jax.Array, in_btd: jax.Array) -> jax.Array:
-        out_btd = self.base(out_btd, in_btd)
+    def __call__(self, out_btd: jax.Array, residual_btd: jax.Array, norm: nnx.Module | None) -> jax.Array:
+        out_btd = self.base(out_btd, residual_btd, norm)
         if not self.adds_output:
             return out_btd
-        source_btd = in_btd if self.parallel else out_btd
+        if self.variant == "parallel":
+            source_btd = residual_btd
+        elif self.variant == "pfeiffer":
+            source_btd = out_btd + residual_btd if norm is None else norm(out_btd + residual_btd)
+        else:
+            source_btd = out_btd
         return out_btd + (self.scale * self.adapter(source_btd)).astype(out_btd.dtype)

@@ -6,17 +6,18 @@ adapts the direction while the magnitude trains on its own:
     W' = m * (W + s B A) / ||W + s B A||_c
 
 where ``||.||_c`` is the norm of each output unit's column (over the input
-axes) and m starts at ``||W||_c``, so W' = W at initialisation (B = 0). As in
-the paper (Section 4.3) and HF PEFT, the norm is a constant in backprop
-(``jax.lax.stop_gradient``), which saves memory and barely changes accuracy.
+axes) and m starts at ``||W||_c``, so W' = W at initialisation (B = 0). The
+norm is a constant in backprop (``jax.lax.stop_gradient``; the paper's
+Section 4.3), which saves memory and barely changes accuracy; the gradients
+equal HF PEFT's, which a test on MiniLM compares.
 
 The layer computes, with g = m / ||W + s B A||_c and the base layer's bias b,
 
     h = W x + b + (g - 1) * W x' + g * s * B A x'
 
 where x' is the dropped-out input (x itself without dropout): the base output
-is reused, as HF PEFT does, so the base kernel is read only once more (for
-the norm). Without dropout this is h = g * (W + s B A) x + b exactly.
+is reused, so the base kernel is read only once more (for the norm). Without
+dropout this is h = g * (W + s B A) x + b exactly.
 
 Merge writes g * (W + s B A) into the kernel and keeps the norm it used in an
 ``AdapterBuffer``; unmerge inverts it, W = W' / g - s B A, to float32
@@ -79,8 +80,7 @@ class DoraLinear(LoraLinear):
                 f"(adapter {base.adapter_name!r})"
             )
         super().__init__(base, config, adapter_name=adapter_name, rngs=rngs)
-        param_dtype = self.base_layer.param_dtype
-        self.magnitude = DoraMagnitude(self.adapted_norms().astype(param_dtype))
+        self.magnitude = DoraMagnitude(self.adapted_norms())  # float32, like A and B
         self.merged_norm = DoraMergedNorm(jnp.ones(self.layout.out_shape, jnp.float32))
 
     def hf_tensors(self) -> dict[str, HfTensor]:

@@ -6,7 +6,7 @@ element-wise, and nothing else changes:
     softmax(Q (l_k * K)^T / sqrt(d_k)) (l_v * V),      (l_ff * gamma(W_1 x)) W_2
 
 Each vector belongs to one linear layer, as in HF PEFT (``target_modules``
-and ``feedforward_modules``):
+and ``feedforward_modules``; tests compare outputs and, on MiniLM, gradients):
 
 * a target that is not feed-forward scales its output,
   ``h = l * (W x + b)``, with l of size out_features (l_k, l_v on the key and
@@ -135,7 +135,8 @@ class IA3Linear(AdapterWrapper):
         self.layout = KernelLayout.of(self.base_layer)
         self.scales_input = scales_input
         shape = self.layout.in_shape if scales_input else self.layout.out_shape
-        self.ia3_l = IA3Vector(jnp.ones(shape, self.base_layer.param_dtype))
+        # float32 whatever the base's param_dtype: bf16 rounds 1.0 plus a step below 0.002 back to 1.0.
+        self.ia3_l = IA3Vector(jnp.ones(shape, jnp.float32))
 
     @property
     def axes(self) -> str:

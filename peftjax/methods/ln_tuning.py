@@ -1,5 +1,6 @@
 """LN tuning: train only the normalisation layers (Zhao et al. 2024, "Tuning
-LayerNorm in Attention"; HF PEFT's ``LNTuningConfig``).
+LayerNorm in Attention"; on Llama it trains what HF PEFT's ``LNTuningConfig``
+trains, which a test compares).
 
     LayerNorm(x) = gamma * (x - mu) / sigma + beta,   RMSNorm(x) = gamma * x / rms(x)
 

@@ -8,7 +8,10 @@ LoRA+ trains B with a learning rate ``loraplus_lr_ratio`` (lambda = eta_B / eta_
 and ``make_optimizer`` scales their updates by the ratio.
 
 A (in -> r) starts random, B (r -> out) starts at zero, so the wrapped model
-computes exactly what the base model did until B moves. This file is the
+computes exactly what the base model did until B moves. A and B are float32
+whatever the base's ``param_dtype``, as HF PEFT's ``autocast_adapter_dtype``
+keeps them (bf16 would round away any update below about 0.4% of a value),
+and the update is computed in the layer's computation dtype. This file is the
 template for a new method: a registered config, a wrapper whose parameters are
 ``AdapterParam`` types, and ``_merge`` / ``_unmerge`` if the method folds into
 the base kernel.
@@ -63,11 +66,11 @@ class LoraConfig(MethodConfig):
       alpha: scaling numerator; s = alpha / r (alpha / sqrt(r) with ``rslora``).
       dropout: dropout rate on the adapter's input, in [0, 1).
       rslora: use rank-stabilised scaling.
-      init: how A starts. ``"kaiming"``: uniform on +-1/sqrt(fan_in), the
-        default of HF PEFT and the LoRA reference code (torch's
-        ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: normal with std 1/r.
-        B starts at zero (on an embedding table, A starts at zero and B
-        standard normal, as in HF PEFT).
+      init: how A starts, as HF PEFT's ``init_lora_weights`` (a test compares
+        the distributions): ``"kaiming"`` (its default, True): uniform on
+        +-1/sqrt(fan_in), torch's ``kaiming_uniform_(a=sqrt(5))``;
+        ``"gaussian"``: normal with std 1/r. B starts at zero (on an embedding
+        table, A starts at zero and B standard normal, as in HF PEFT).
       loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
         16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
         the model takes the ratio, so two stacked LoRA+ adapters must agree.
@@ -152,10 +155,9 @@ class LoraLinear(AdapterWrapper):
         super().__init__(base, adapter_name=adapter_name)
         self.layout = low_rank_layout(self.base_layer)
         self.scale = config.scale
-        param_dtype = self.base_layer.param_dtype
         a = init_down_projection(config, self.layout.down_shape(config.rank), self.layout.fan_in, rngs.params())
-        self.lora_a = LoraA(a.astype(param_dtype))
-        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), param_dtype))
+        self.lora_a = LoraA(a)
+        self.lora_b = LoraB(jnp.zeros(self.layout.up_shape(config.rank), jnp.float32))
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -199,9 +201,8 @@ class LoraEmbed(LoraLinear):
         AdapterWrapper.__init__(self, base, adapter_name=adapter_name)
         self.layout = low_rank_layout(self.base_layer)
         self.scale = config.scale
-        param_dtype = self.base_layer.param_dtype
-        self.lora_a = LoraA(jnp.zeros(self.layout.down_shape(config.rank), param_dtype))
-        self.lora_b = LoraB(jax.random.normal(rngs.params(), self.layout.up_shape(config.rank), param_dtype))
+        self.lora_a = LoraA(jnp.zeros(self.layout.down_shape(config.rank), jnp.float32))
+        self.lora_b = LoraB(jax.random.normal(rngs.params(), self.layout.up_shape(config.rank), jnp.float32))
         self.dropout = None
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -16,21 +16,37 @@ block keeps its absolute maximum c_j (fp32) and 4-bit indices into the code:
 
 Two indices are packed per uint8 (the first one in the high nibble), so the
 codes take 4 bits per weight and the fp32 scales another 32 / 64 = 0.5 bits.
+This is bitsandbytes' ``quantize_4bit`` layout: a caller that flattens a
+kernel in torch's (out, in) order (``peftjax.methods.qlora`` does) gets the
+blocks, codes and scales bitsandbytes stores for that weight.
 
-Double quantisation quantises the scales themselves: their mean mu is
-subtracted (they are all positive) and the centred scales are stored as 8-bit
-codes in blocks of ``B2 = 256`` with one fp32 scale per block:
+Double quantisation quantises the scales themselves, as bitsandbytes'
+``compress_statistics``: their mean mu is subtracted (they are all positive),
+and the centred scales are cut into blocks of ``B2 = 256``, each divided by
+its own absolute maximum s_k and rounded to the nearest value of
+bitsandbytes' signed 8-bit "dynamic" map D (``create_dynamic_map()``: a sign,
+a decimal exponent from 10^-6 to 10^0 and a linear fraction, so small values
+keep their relative precision):
 
-    c_j ~= mu + q8_j * s_k,    s_k = max_{j in block k} |c_j - mu| / 127
+    c_j ~= mu + D[q8_j] * s_k,    s_k = max_{j in block k} |c_j - mu|
 
 which costs 8 / 64 + 32 / (64 * 256) = 0.127 bits per weight instead of 0.5:
-4.127 bits in all, the paper's figure. bitsandbytes stores the 8-bit scale
-codes in its "dynamic" 8-bit float map; we store them as linear int8, which
-takes the same memory and errs by at most half a step, s_k / 2, per scale.
+4.127 bits in all, the paper's figure. A scale then errs by at most
+``absmax_error_factor()`` (half D's largest gap, 0.00703) times s_k.
 
 The rounding error of one weight is at most half the gap between the two code
 values around it, times its block's scale: ``max_error_factor()`` is the
-largest such half-gap, the bound the tests check.
+largest such half-gap. With double quantisation the scale itself is off by
+|c_j - c~_j|, and since |NF4| <= 1 the bound the tests check for every weight
+is
+
+    |x - dequant(x)| <= max_error_factor() * c_j + absmax_error_factor() * s_k.
+
+A block whose scale is below ``absmax_error_factor() * s_k`` can come back
+with the wrong sign (in bitsandbytes as here); the bound still holds, and the
+tests find no such block in MiniLM's ``layer.0.output.dense`` (where linear
+int8 codes for the scales flipped two) or in a synthetic kernel with an
+outlier scale.
 """
 
 from __future__ import annotations
@@ -66,7 +82,26 @@ NF4_CODE = np.array(
 )
 # Decision boundaries: an input in (MIDPOINTS[i - 1], MIDPOINTS[i]] rounds to NF4_CODE[i].
 _MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
-_INT8_MAX = 127
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``): 256 sorted float32 values.
+
+    For each decade 10^e, e = -6 .. 0, the midpoints of 2^(e+6) + 1 evenly
+    spaced points on [0.1, 1], scaled by 10^e, with both signs; then 0 and 1.
+    Computed in float64 and rounded once: bitsandbytes rounds each step in
+    float32, so a few of its values differ from these in the last bit.
+    """
+    values = [0.0, 1.0]
+    for exponent in range(-6, 1):
+        bounds = np.linspace(0.1, 1.0, 2 ** (exponent + 6) + 1)
+        means = 10.0**exponent * (bounds[:-1] + bounds[1:]) / 2
+        values += [*means, *-means]
+    return np.sort(np.array(values)).astype(np.float32)
+
+
+DYNAMIC_MAP = dynamic_map()
+_DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[1:] + DYNAMIC_MAP[:-1]) / 2
 
 
 def nf4_code_from_quantiles(delta: float = 0.5 * (1 / 32 + 1 / 30)) -> np.ndarray:
@@ -84,6 +119,13 @@ def max_error_factor() -> float:
     """Half the largest gap between adjacent NF4 values: the worst rounding
     error of one weight, in units of its block's absmax."""
     return float(np.max(np.diff(NF4_CODE)) / 2)
+
+
+def absmax_error_factor() -> float:
+    """The worst error of a double-quantised scale, in units of its 8-bit
+    block's s_k: half the largest gap of the dynamic map, or the distance
+    from -1 to its lowest value (the map has no -1)."""
+    return float(max(np.max(np.diff(DYNAMIC_MAP.astype(np.float64))) / 2, 1.0 + float(DYNAMIC_MAP[0])))
 
 
 def num_blocks(size: int, block_size: int) -> int:
@@ -125,22 +167,24 @@ def dequantize_nf4(codes: jax.Array, absmax: jax.Array, *, size: int, block_size
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def quantize_absmax(absmax: jax.Array, *, block_size: int = 256) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Double quantisation of the NF4 block scales.
+    """Double quantisation of the NF4 block scales (bitsandbytes' ``compress_statistics``).
 
-    Returns ``(codes, scales, mean)``: one int8 code per scale (not padded, so
-    the storage is exactly one byte per NF4 block), one fp32 scale per
-    ``block_size`` codes, and the fp32 mean that was subtracted.
+    Returns ``(codes, scales, mean)``: one uint8 index into ``DYNAMIC_MAP``
+    per scale (not padded, so the storage is exactly one byte per NF4 block),
+    the fp32 absolute maximum of each ``block_size`` centred scales, and the
+    fp32 mean that was subtracted. Rounding is to the nearest map value.
     """
     mean = jnp.mean(absmax)
     centred = _blocks(absmax - mean, block_size)
     peak = jnp.max(jnp.abs(centred), axis=1)
-    scales = jnp.where(peak > 0, peak / _INT8_MAX, 1.0)
-    codes = jnp.clip(jnp.round(centred / scales[:, None]), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
-    return codes.ravel()[: absmax.size], scales, mean
+    # A block of equal scales divides by 1 instead: its codes are the map's exact zero.
+    normalised = jnp.clip(centred * (1.0 / jnp.where(peak > 0, peak, 1.0))[:, None], -1.0, 1.0)
+    codes = jnp.searchsorted(jnp.asarray(_DYNAMIC_MIDPOINTS), normalised.ravel(), side="left").astype(jnp.uint8)
+    return codes[: absmax.size], peak, mean
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def dequantize_absmax(codes: jax.Array, scales: jax.Array, mean: jax.Array, *, block_size: int = 256) -> jax.Array:
     """Inverse of :func:`quantize_absmax`: the NF4 block scales in fp32."""
     per_code = jnp.repeat(scales, block_size)[: codes.size]
-    return mean + codes.astype(jnp.float32) * per_code
+    return jnp.asarray(DYNAMIC_MAP)[codes] * per_code + mean

@@ -6,12 +6,21 @@ the keys and values it computed, with the key mask extended with ones:
 
     head = softmax(q [P_K^l; K]^T / sqrt(h) + mask) [P_V^l; V]
 
-so every query may attend to the prefix and the layer's own tokens stay as
-they were. The ``AttentionKeyValue`` insertion point carries this out, after
-the key projection and after RoPE in Llama (so the prefix keys, like HF's
-``past_key_values``, are stored post-rotation and carry no position); the
-prefix is broadcast over the batch. Trained directly this is L 2 N m h
-parameters for L layers (N x 2 kv_dim per layer, kv_dim = m h).
+so every query may attend to the prefix. The ``AttentionKeyValue``
+insertion point carries this out, after the key projection and after RoPE in
+Llama (so the prefix keys, like HF's ``past_key_values``, are stored
+post-rotation and carry no position); the prefix is broadcast over the batch.
+Trained directly this is L 2 N m h parameters for L layers (N x 2 kv_dim per
+layer, kv_dim = m h).
+
+Positions. HF PEFT feeds the prefixes to transformers as a KV cache of N
+positions, so the tokens sit at positions N, N + 1, ...: BERT's absolute
+position embeddings and Llama's RoPE count from N, and position ids a caller
+passes are shifted by N. The reference models do the same (the wrapper
+reports N as ``num_prefix_positions``; see ``peftjax.points``), which a test
+checks against HF PEFT's own forward on MiniLM and a tiny Llama. ViT keeps
+its patches' positions: they are fixed by the image, and transformers' ViT
+takes no KV cache, so HF PEFT has no prefix tuning to compare with.
 
 Reparameterisation (``prefix_projection=True``, Li & Liang section 4.3, HF
 PEFT's ``PrefixEncoder``): training the prefixes directly is unstable, so
@@ -22,7 +31,8 @@ as HF PEFT, which calls it ``token_dim``):
 
 P', W_1 and b_1 are one module shared by every layer's wrapper (an NNX
 shared reference: stored and counted once) and W_2^l, b_2^l are the layer's
-slice of HF PEFT's output layer, so the count matches HF PEFT:
+slice of HF PEFT's output layer, so the count matches HF PEFT's (a test
+compares them on a tiny Llama with grouped-query attention):
 N d + d e + e + L (2 e kv_dim + 2 kv_dim), e = ``encoder_hidden_size``
 (default kv_dim, as HF PEFT). After training, :func:`fold` evaluates the MLP
 once and keeps only the resulting prefixes, which leaves the model's output
@@ -30,8 +40,8 @@ unchanged and the stored adapter at the directly-trained size, L 2 N kv_dim.
 
 Prefixes are standard normal at initialisation (torch's ``nn.Embedding``
 default, as HF PEFT), and MLP kernels and biases uniform on +-1/sqrt(fan_in)
-(torch's ``nn.Linear`` default). The model's output changes from the start;
-there is no merged form.
+(torch's ``nn.Linear`` default); the same test compares these with HF PEFT's.
+The model's output changes from the start; there is no merged form.
 """
 
 from __future__ import annotations
@@ -176,6 +186,7 @@ class PrefixTuning(AdapterWrapper):
         rngs: nnx.Rngs,
     ):
         super().__init__(base, adapter_name=adapter_name)
+        self.num_virtual_tokens = num_virtual_tokens
         shape = (num_virtual_tokens, kv_heads, head_dim)
         # nnx.data: these hold Variables in one form and None in the other.
         self.encoder = nnx.data(encoder)
@@ -189,6 +200,11 @@ class PrefixTuning(AdapterWrapper):
             kernel = _uniform(rngs.params(), (width, 2, kv_heads, head_dim), width)
             self.out_kernel = nnx.data(PrefixEncoderParam(kernel))
             self.out_bias = nnx.data(PrefixEncoderParam(_uniform(rngs.params(), (2, kv_heads, head_dim), width)))
+
+    @property
+    def num_prefix_positions(self) -> int:
+        """Key positions in front of the tokens': N while the prefix is in use, plus any below."""
+        return self.base.num_prefix_positions + (self.num_virtual_tokens if self.adds_output else 0)
 
     @property
     def projected(self) -> bool:

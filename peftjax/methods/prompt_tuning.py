@@ -6,11 +6,18 @@ X (T x d) of every example, and the attention mask is extended with ones:
     X' = [P; X],   mask' = [1 ... 1; mask]
 
 The model then runs unchanged on N + T positions; only P trains (N d
-parameters). The ``InputEmbeddings`` insertion point carries this out; the
-reference models give the virtual tokens the first N positions (as HF PEFT,
-which concatenates ``inputs_embeds``), pool BERT's [CLS] at position N,
-pool Llama's last real token at N + its index, and drop the N positions from
-token-level outputs, so every output stays aligned with the caller's tokens.
+parameters). The ``InputEmbeddings`` insertion point carries this out. The
+reference models compute what transformers computes on HF PEFT's prompted
+``inputs_embeds`` (tests compare MiniLM classifier logits and tiny-Llama
+logits with HF PEFT's): the virtual tokens take positions 0 .. N-1, and
+BERT's pooler and RoBERTa's classifier read position 0, the first virtual
+token, not [CLS]. Some outputs differ on purpose: token-level outputs drop
+the N virtual positions, so they stay aligned with the caller's tokens;
+Llama's sequence classifier reads the last real token at N + its index where
+transformers reads the last position whatever the padding (and warns), so
+the two agree on rows without padding; and RoBERTa numbers positions past
+padding as it does for token ids, where transformers given embeddings counts
+every position, so the two agree on right-padded batches.
 
 Initialisation (``init``):
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from peftjax.models import common
 from peftjax.models.common import Array, ModelOutput
-from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings
+from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings, prefix_positions
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -166,23 +166,24 @@ class BertEmbeddings(nnx.Module):
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.input_embeddings = InputEmbeddings()
 
-    def _default_positions(self, input_ids_bt: Array, mask_bt: Array, extra: int) -> Array:
-        """Position ids over the (possibly extended) sequence, as transformers builds them.
+    def _default_positions(self, input_ids_bt: Array, mask_bt: Array, extra: int, start: int) -> Array:
+        """Position ids over the (possibly extended) sequence, as transformers builds them
+        after a KV cache of ``start`` positions (prefix tuning's prefixes).
 
-        BERT counts 0, 1, 2, ... RoBERTa (fairseq) counts only non-padding
-        tokens, starting at ``pad_token_id + 1`` and giving padding the
-        padding index; prepended positions count as tokens when their mask is
-        True.
+        BERT counts start, start + 1, ... RoBERTa (fairseq) counts only
+        non-padding tokens, from ``pad_token_id + 1 + start``, and gives
+        padding the padding index; prepended positions count as tokens when
+        their mask is True.
         """
         batch, seq_len = input_ids_bt.shape
         if self.config.model_type != "roberta":
-            return jnp.broadcast_to(jnp.arange(seq_len + extra), (batch, seq_len + extra))
+            return jnp.broadcast_to(jnp.arange(start, start + seq_len + extra), (batch, seq_len + extra))
         pad = self.config.pad_token_id
         present_bt = input_ids_bt != pad
         if extra:
             present_bt = jnp.concatenate([mask_bt[:, :extra], present_bt], axis=1)
         present_bt = present_bt.astype(jnp.int32)
-        return jnp.cumsum(present_bt, axis=1) * present_bt + pad
+        return (jnp.cumsum(present_bt, axis=1) + start) * present_bt + pad
 
     def __call__(
         self,
@@ -190,29 +191,32 @@ class BertEmbeddings(nnx.Module):
         mask_bt: Array,
         token_type_ids_bt: Array | None = None,
         position_ids_bt: Array | None = None,
+        start: int = 0,
     ) -> tuple[Array, Array]:
-        """Returns embeddings (batch, t', hidden) and the mask (batch, t')."""
+        """Returns embeddings (batch, t', hidden) and the mask (batch, t').
+
+        ``start``: key positions the attention layers put before the tokens
+        (see ``peftjax.points``), which the tokens' positions follow.
+        """
         seq_len = input_ids_bt.shape[1]
         x_btd = self.word_embeddings(input_ids_bt)
         x_btd, mask_bt_new = self.input_embeddings(x_btd, mask_bt)
         extra = common.num_prepended(x_btd, seq_len)
 
+        first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
         if position_ids_bt is None:
             # The table lookup returns NaN past its end instead of failing: refuse it here.
-            first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
-            if first + seq_len + extra > self.config.max_position_embeddings:
-                prepended = (
-                    f" + {extra} prepended (e.g. prompt tuning's virtual tokens)" if extra else ""
-                )
+            last = first + start + seq_len + extra - 1
+            if last >= self.config.max_position_embeddings:
+                prepended = f" + {extra} prepended (e.g. prompt tuning's virtual tokens)" if extra else ""
+                after = f" after {start} prefix positions (prefix tuning)" if start else ""
                 raise ValueError(
-                    f"{seq_len} tokens{prepended} need position ids up to "
-                    f"{first + seq_len + extra - 1}, but max_position_embeddings="
-                    f"{self.config.max_position_embeddings}; shorten the input."
+                    f"{seq_len} tokens{prepended}{after} need position ids up to {last}, but "
+                    f"max_position_embeddings={self.config.max_position_embeddings}; shorten the input."
                 )
-            position_ids_bt = self._default_positions(input_ids_bt, mask_bt_new, extra)
+            position_ids_bt = self._default_positions(input_ids_bt, mask_bt_new, extra, start)
         else:
-            first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0
-            position_ids_bt = common.shift_positions(position_ids_bt, extra, first=first)
+            position_ids_bt = common.shift_positions(position_ids_bt, extra, first=first) + start
         if token_type_ids_bt is None:
             token_type_ids_bt = jnp.zeros(x_btd.shape[:2], dtype=jnp.int32)
         elif extra:
@@ -270,7 +274,7 @@ class BertOutput(nnx.Module):
     def __call__(self, out_btf: Array, in_btd: Array, point: BranchOutput) -> Array:
         """``point`` sees the branch output after dropout, before ``LayerNorm(x + out)``."""
         out_btd = self.dropout(self.dense(out_btf))
-        out_btd = point(out_btd, in_btd)
+        out_btd = point(out_btd, in_btd, self.LayerNorm)
         return self.LayerNorm(out_btd + in_btd)
 
 
@@ -363,13 +367,25 @@ class BertModel(nnx.Module):
         token_type_ids: Array | None = None,
         position_ids: Array | None = None,
     ) -> ModelOutput:
-        seq_len = input_ids.shape[1]
-        mask_bt = common.as_bool_mask(attention_mask, input_ids.shape)
-        x_btd, mask_bt = self.embeddings(input_ids, mask_bt, token_type_ids, position_ids)
-        extra = common.num_prepended(x_btd, seq_len)
-        x_btd = self.encoder(x_btd, mask_bt)[:, extra:]
+        x_btd, extra = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        # The pooler reads position 0 of the whole sequence: under prompt tuning the first
+        # virtual token, not [CLS], as transformers does on HF PEFT's prompted inputs_embeds.
         pooled_bd = self.pooler(x_btd) if self.pooler is not None else None
-        return ModelOutput(last_hidden_state=x_btd, pooler_output=pooled_bd)
+        return ModelOutput(last_hidden_state=x_btd[:, extra:], pooler_output=pooled_bd)
+
+    def encode(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+    ) -> tuple[Array, int]:
+        """The final hidden states over the whole sequence, positions an
+        ``InputEmbeddings`` point prepended included, and how many those are."""
+        mask_bt = common.as_bool_mask(attention_mask, input_ids.shape)
+        start = prefix_positions(layer.attention.self.attention_kv for layer in self.encoder.layer)
+        x_btd, mask_bt = self.embeddings(input_ids, mask_bt, token_type_ids, position_ids, start)
+        return self.encoder(x_btd, mask_bt), common.num_prepended(x_btd, input_ids.shape[1])
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -428,9 +444,20 @@ class BertForSequenceClassification(_BertWithHead):
             self.dropout = nnx.Dropout(config.effective_classifier_dropout, rngs=rngs)
             self.classifier = common.linear(config, config.hidden_size, config.num_labels, **kwargs)
 
-    def _logits(self, out: ModelOutput) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+    ) -> ModelOutput:
         if self.dropout is None:
-            return self.classifier(out.last_hidden_state)
+            # RoBERTa's head reads position 0 of the whole sequence (see BertModel.__call__).
+            x_btd, extra = self.base_model.encode(input_ids, attention_mask, token_type_ids, position_ids)
+            return ModelOutput(last_hidden_state=x_btd[:, extra:], logits=self.classifier(x_btd))
+        return super().__call__(input_ids, attention_mask, token_type_ids, position_ids)
+
+    def _logits(self, out: ModelOutput) -> Array:
         return self.classifier(self.dropout(out.pooler_output))
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from peftjax.models import common
 from peftjax.models.common import Array, ModelOutput
-from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings
+from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings, prefix_positions
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -412,7 +412,7 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block; its points see each branch's output and (normed) input."""
+    """Pre-norm block; its points see each branch's output and the residual stream it joins."""
 
     def __init__(self, config: LlamaConfig, index: int, *, dtype, param_dtype, rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -426,10 +426,10 @@ class LlamaDecoderLayer(nnx.Module):
     def __call__(self, x_btd: Array, cos_bth: Array, sin_bth: Array, mask_bt: Array) -> Array:
         h_btd = self.input_layernorm(x_btd)
         out_btd = self.self_attn(h_btd, cos_bth, sin_bth, mask_bt)
-        x_btd = x_btd + self.after_attention(out_btd, h_btd)
+        x_btd = x_btd + self.after_attention(out_btd, x_btd, None)
         h_btd = self.post_attention_layernorm(x_btd)
         out_btd = self.mlp(h_btd)
-        return x_btd + self.after_mlp(out_btd, h_btd)
+        return x_btd + self.after_mlp(out_btd, x_btd, None)
 
 
 class LlamaModel(nnx.Module):
@@ -437,9 +437,9 @@ class LlamaModel(nnx.Module):
 
     Call with ``input_ids`` (batch, seq) and optionally ``attention_mask``
     (1 = token, 0 = padding; right or left padding both work since the mask
-    is applied per key) and ``position_ids``, which default to 0..seq-1 as in
-    transformers' forward; for left padding pass ``cumsum(mask) - 1`` to
-    start every sequence at position 0.
+    is applied per key) and ``position_ids``, which default to 0..seq-1 (N..
+    after prefix tuning's N prefixes) as in transformers' forward; for left
+    padding pass ``cumsum(mask) - 1`` to start every sequence at position 0.
     """
 
     output_head_names: ClassVar[tuple[str, ...]] = ()
@@ -483,9 +483,9 @@ class LlamaModel(nnx.Module):
         x_btd, mask_bt = self.input_embeddings(x_btd, mask_bt)
         extra = common.num_prepended(x_btd, seq_len)
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(seq_len + extra), (batch, seq_len + extra))
-        else:
-            position_ids = common.shift_positions(position_ids, extra)
+            position_ids = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+        start = prefix_positions(layer.self_attn.attention_kv for layer in self.layers)
+        position_ids = common.shift_positions(position_ids, extra) + start
         inv_freq = self.config.rope_parameters.inverse_frequencies(self.config.head_dim)
         cos_bth, sin_bth = rope_cos_sin(position_ids, inv_freq, x_btd.dtype)
         x_btd = common.run_layers(

@@ -224,7 +224,7 @@ class ViTAttention(nnx.Module):
 
 
 class ViTLayer(nnx.Module):
-    """Pre-norm block; its points see each branch's output and (normed) input."""
+    """Pre-norm block; its points see each branch's output and the residual stream it joins."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -238,10 +238,10 @@ class ViTLayer(nnx.Module):
 
     def __call__(self, x_btd: Array, mask_bt: Array) -> Array:
         h_btd = self.layernorm_before(x_btd)
-        x_btd = x_btd + self.after_attention(self.attention(h_btd, mask_bt), h_btd)
+        x_btd = x_btd + self.after_attention(self.attention(h_btd, mask_bt), x_btd, None)
         h_btd = self.layernorm_after(x_btd)
         out_btd = self.output(self.intermediate(h_btd))
-        return x_btd + self.after_mlp(out_btd, h_btd)
+        return x_btd + self.after_mlp(out_btd, x_btd, None)
 
 
 class ViTModel(nnx.Module):

@@ -70,14 +70,15 @@ def test_bench_cli_abstract_skips_what_does_not_apply(tmp_path):
 
 def test_qlora_on_every_linear_layer_saves_its_base_storage_and_keeps_no_more_for_backward(tmp_path):
     """bf16 compute over fp32 parameters: LoRA keeps a bf16 copy of each kernel for the backward pass
-    and QLoRA its bf16 dequantised kernel in the same place, so XLA's temporaries are equal and the
-    whole saving is the frozen storage (4 bytes per weight down to NF4's ~0.52)."""
+    and QLoRA its bf16 dequantised kernel in the same place, so XLA's temporaries are no larger (equal
+    with linear int8 block scales, 832 bytes smaller with bitsandbytes' dynamic map) and the saving
+    is the frozen storage (4 bytes per weight down to NF4's ~0.52)."""
     out = tmp_path / "rows.json"
     assert main(["bench", "--model", "llama-tiny", "--methods", "lora-all-linear,qlora-all-linear", "--batch", "2",
                  "--seq", "8", "--dtype", "bf16", "--abstract", "--json", str(out)]) == 0
     lora, qlora = json.loads(out.read_text())
     assert lora["trainable_params"] == qlora["trainable_params"]
-    assert qlora["compiled_memory"]["temp"] == lora["compiled_memory"]["temp"]
+    assert qlora["compiled_memory"]["temp"] <= lora["compiled_memory"]["temp"]
     saved = lora["compiled_memory"]["argument"] - qlora["compiled_memory"]["argument"]
     assert saved == lora["analytic_floor"]["frozen_state"] - qlora["analytic_floor"]["frozen_state"] > 0
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 import peftjax
 from peftjax import LoraConfig, PeftError
+from peftjax.core.paths import dotted
 
 
 class QueryValueStack(nnx.Module):
@@ -121,6 +122,37 @@ def test_target_rules(toy):
     linear = selected("all-linear")
     assert "head" not in linear and len(linear) == 12
     assert selected("all-linear", exclude=["up", "down"]) == [p for p in linear if not p.endswith(("up", "down"))]
+
+
+@pytest.mark.parametrize(
+    ("targets", "exclude"),
+    [
+        (["query", "value"], ()),
+        (["output.dense"], ()),  # both attention.output.dense and the FFN's output.dense
+        (["dense"], ["output.dense"]),
+        (["encoder.layer.1.attention.self.key"], ()),
+        (r".*layer\.0\..*(query|intermediate\.dense)", ()),
+        (r".*\.dense", r".*pooler\.dense"),
+    ],
+)
+def test_targets_select_what_hf_peft_selects(targets, exclude):
+    """The README's claim: names and regexes (target_modules, exclude_modules)
+    select the same modules as HF PEFT's check_target_module_exists."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from peftjax.models import from_config
+
+    model = from_config("bert-tiny", seed=0)  # a BertModel: paths start at embeddings / encoder / pooler
+    linear = [dotted(path) for path, module in nnx.iter_modules(model) if isinstance(module, nnx.Linear)]
+    peftjax.apply(model, LoraConfig(rank=1, targets=targets, exclude=exclude))
+    ours = sorted(p for p, _ in peftjax.iter_wrappers(model))
+    config = peft.LoraConfig(
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        exclude_modules=(exclude if isinstance(exclude, str) else list(exclude)) or None,
+    )
+    theirs = sorted(p for p in linear if check_target_module_exists(config, p))  # excluded ones are falsy
+    assert ours == theirs and ours
 
 
 def ToyStackFactory():

@@ -1,6 +1,7 @@
 """Parity with HF PEFT on a tiny torch model: IA3 (output and feed-forward
-scaling), DoRA (magnitude init and forward), VeRA (given the same random
-matrices). Weights go torch -> JAX, so both compute from identical values."""
+scaling, and which modules may be feed-forward), DoRA (magnitude init and
+forward), VeRA (given the same random matrices). Weights go torch -> JAX, so
+both compute from identical values."""
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +101,17 @@ def test_vera_matches_peft_given_the_same_random_matrices():
         np.testing.assert_allclose(numpy(layer.vera_lambda_d["default"]), mine.scale_d[...])
         randomise(layer.vera_lambda_b["default"], seed=i, low=-1, high=1)
         randomise(layer.vera_lambda_d["default"], seed=10 + i, low=-1, high=1)
-        # HF shares one A and one B sized to the largest layer and slices them; ours are per shape.
-        d_in, d_out = mine.layout.fan_in, mine.layout.fan_out
-        mine.projection_a[...] = jnp.asarray(numpy(layer.vera_A["default"])[:, :d_in].T)
-        mine.projection_b[...] = jnp.asarray(numpy(layer.vera_B["default"])[:d_out, :].T)
+        # One A and one B, sized to the largest layer and shared: the same shapes as HF's, transposed.
+        mine.projection_a[...] = jnp.asarray(numpy(layer.vera_A["default"]).T)
+        mine.projection_b[...] = jnp.asarray(numpy(layer.vera_B["default"]).T)
         mine.scale_b[...] = jnp.asarray(numpy(layer.vera_lambda_b["default"]))
         mine.scale_d[...] = jnp.asarray(numpy(layer.vera_lambda_d["default"]))
     compare(theirs, ours)
+
+
+def test_feedforward_modules_must_be_targets_in_both():
+    """IA3Config's rule, as HF PEFT's IA3Config enforces it."""
+    with pytest.raises(ValueError, match="feedforward_modules.*subset of `target_modules`"):
+        peft.IA3Config(target_modules=["key"], feedforward_modules=["down"])
+    with pytest.raises(peftjax.PeftError, match=r"feedforward.*must be among targets; \['down'\] are not"):
+        peftjax.IA3Config(targets=["key"], feedforward=["down"])

@@ -1,11 +1,14 @@
 """Prefix tuning: prefixes are keys/values every query sees (checked against a
-KV cache and a hand-written attention), the reparameterisation counts as HF
-PEFT's and folds away exactly, and models without attention points refuse."""
+KV cache, HF PEFT's own forward on a tiny Llama, and a hand-written
+attention), the tokens' positions follow the prefix, the reparameterisation
+counts and starts as HF PEFT's and folds away exactly, and models without
+attention points refuse. tests/methods/test_hf_peft_minilm.py checks MiniLM."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import peftjax
@@ -41,7 +44,7 @@ class KeyValueRecorder(AttentionKeyValue):
 def test_llama_prefix_is_a_kv_cache_of_post_rope_keys():
     """Prefixes set to the keys (after RoPE) and values the base model computes
     for tokens P make the model continue [P; ids]: what HF's past_key_values
-    holds. The callers' tokens then take positions N.. (passed explicitly)."""
+    holds. The callers' tokens take positions N.. by themselves."""
     base, model = from_config("llama-tiny", seed=0), from_config("llama-tiny", seed=0)
     base.eval(), model.eval()
     ids, mask = batch()
@@ -55,8 +58,84 @@ def test_llama_prefix_is_a_kv_cache_of_post_rope_keys():
     for wrapper, (k, v) in zip(prefix_wrappers(model), seen, strict=True):
         assert wrapper.prefix_keys.shape == (N, 2, 16)  # grouped-query attention: 2 key/value heads
         wrapper.prefix_keys[...], wrapper.prefix_values[...] = k[0, :N], v[0, :N]
-    positions = jnp.broadcast_to(jnp.arange(N, N + 8), (2, 8))
-    np.testing.assert_allclose(model(ids, mask, positions).logits, expected[:, N:], atol=1e-5)
+    np.testing.assert_allclose(model(ids, mask).logits, expected[:, N:], atol=1e-5)
+
+
+def tiny_llama_pair(path, **prefix):
+    """The tiny Llama checkpoint in transformers with HF PEFT's prefix tuning,
+    and in peftjax with ours."""
+    import transformers
+    from peft import PrefixTuningConfig as HFPrefixTuningConfig
+    from peft import get_peft_model
+
+    from peftjax.models import from_pretrained
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    theirs = get_peft_model(reference, HFPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, **prefix))
+    ours = from_pretrained(path)
+    peftjax.apply(ours, PrefixTuningConfig(num_virtual_tokens=N, **prefix))
+    return theirs.eval(), ours
+
+
+@pytest.mark.parametrize("given_positions", [False, True], ids=["default-positions", "caller-positions"])
+def test_llama_logits_match_hf_peft(tiny_llama_path, given_positions):
+    """HF PEFT's own forward (its KV cache of prefixes, its masks and positions)
+    on a padded batch, against ours with the same prefix values."""
+    theirs, ours = tiny_llama_pair(tiny_llama_path)
+    table = theirs.prompt_encoder["default"].embedding.weight.detach().numpy().reshape(N, 2, 2, 2, 16)
+    for layer, wrapper in enumerate(prefix_wrappers(ours)):  # (N, layer, key/value, kv heads, head_dim)
+        wrapper.prefix_keys[...], wrapper.prefix_values[...] = table[:, layer, 0], table[:, layer, 1]
+    ours.eval()
+    ids, mask = (np.asarray(a) for a in batch())
+    positions = np.tile(np.arange(8), (2, 1))
+    extra = {"position_ids": torch.from_numpy(positions)} if given_positions else {}
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **extra).logits
+    args = (jnp.asarray(ids), jnp.asarray(mask), *([jnp.asarray(positions)] if given_positions else []))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours(*args).logits)[real], expected.numpy()[real], atol=1e-4, rtol=0)
+
+
+def test_reparameterisation_counts_and_starts_as_hf_peft(tiny_llama_path):
+    """With prefix_projection, HF PEFT sizes its encoder from the model's config
+    (kv_dim for grouped-query attention, e = kv_dim by default); both draw P'
+    from N(0, 1) and the MLP uniform on +-1/sqrt(fan_in)."""
+    theirs, ours = tiny_llama_pair(tiny_llama_path, prefix_projection=True)
+    encoder = theirs.prompt_encoder["default"]
+    assert peftjax.count_params(ours).trainable == sum(p.numel() for p in encoder.parameters())
+    wrappers = prefix_wrappers(ours)
+    shared = wrappers[0].encoder
+    assert shared.embedding.shape == tuple(encoder.embedding.weight.shape) == (N, 32)
+    assert abs(float(np.std(encoder.embedding.weight.detach().numpy())) - 1) < 0.35  # 96 samples of N(0, 1)
+    assert abs(float(jnp.std(shared.embedding[...])) - 1) < 0.35
+    first, last = encoder.transform[0], encoder.transform[2]
+    for ours_values, theirs_values, fan_in in [
+        (shared.kernel[...], first.weight, 32),
+        (shared.bias[...], first.bias, 32),
+        (jnp.concatenate([w.out_kernel[...].reshape(32, -1) for w in wrappers], 1), last.weight, 32),
+    ]:
+        bound = 1 / np.sqrt(fan_in)
+        their_max = float(theirs_values.detach().abs().max())
+        assert 0.9 * bound < their_max <= bound and 0.9 * bound < float(jnp.abs(ours_values).max()) <= bound
+
+
+def test_transformers_vit_takes_no_kv_cache():
+    """Why ViT's positions do not move: HF PEFT feeds prefixes as a KV cache, which ViT has no input for."""
+    import inspect
+
+    import transformers
+
+    assert not {"past_key_values", "cache"} & set(inspect.signature(transformers.ViTModel.forward).parameters)
+
+
+def test_layers_that_prepend_different_lengths_are_a_clear_error():
+    model = from_config("bert-tiny", num_labels=2, seed=0)
+    peftjax.apply(model, PrefixTuningConfig(num_virtual_tokens=3, targets=r".*layer\.0\..*attention_kv"))
+    peftjax.apply(
+        model, PrefixTuningConfig(num_virtual_tokens=2, targets=r".*layer\.1\..*attention_kv"), adapter_name="b"
+    )
+    with pytest.raises(PeftError, match=r"prepend different numbers of key positions \[2, 3\]"):
+        model(*batch())
 
 
 def test_bert_attention_with_prefix_is_the_formula():
@@ -78,7 +157,7 @@ def test_bert_attention_with_prefix_is_the_formula():
     np.testing.assert_allclose(attention(x, mask), expected, atol=1e-5)
 
 
-def test_reparameterisation_is_shared_and_counts_as_hf_peft():
+def test_reparameterisation_is_shared_and_counts_by_the_formula():
     from peft import PrefixEncoder
     from peft import PrefixTuningConfig as HFPrefixTuningConfig
 

@@ -1,12 +1,13 @@
-"""Prompt tuning against a manual computation: N virtual tokens whose embeddings
-are those of real tokens P must give the base model's computation on the
-sequence [P; ids], read at the caller's positions (pooling shifted by N, the N
-positions dropped from token outputs)."""
+"""Prompt tuning against a manual computation and HF PEFT: N virtual tokens
+whose embeddings are those of real tokens P must give the base model's
+computation on the sequence [P; ids] (the N positions dropped from token
+outputs), and a tiny Llama must give HF PEFT's logits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import peftjax
 from peftjax import PeftError, PromptTuningConfig
@@ -39,18 +40,16 @@ def prompted_and_base(preset, **kwargs):
 
 
 @pytest.mark.parametrize("preset", ["bert-tiny", "roberta-tiny"])
-def test_bert_sequence_classification_pools_the_first_real_token(preset):
+def test_bert_sequence_classification_reads_position_0_of_the_prompted_sequence(preset):
+    """BERT's pooler and RoBERTa's head read the first virtual token, as
+    transformers does on HF PEFT's prompted inputs_embeds (on MiniLM against
+    HF PEFT itself: tests/methods/test_hf_peft_minilm.py)."""
     model, base = prompted_and_base(preset, num_labels=2)
     ids, mask = batch()
     out = model(ids, mask)
-    encoder = base.base_model
-    hidden = encoder(*with_prompt_tokens(ids, mask)).last_hidden_state[:, N:]
-    np.testing.assert_allclose(out.last_hidden_state, hidden, atol=TOLERANCE)
-    if preset == "bert-tiny":  # [CLS] sits at position N of the prompted sequence
-        expected = base.classifier(encoder.pooler(hidden))
-    else:
-        expected = base.classifier(hidden)  # RoBERTa's head reads <s>, at position N as well
-    np.testing.assert_allclose(out.logits, expected, atol=TOLERANCE)
+    prompted = base(*with_prompt_tokens(ids, mask))
+    np.testing.assert_allclose(out.last_hidden_state, prompted.last_hidden_state[:, N:], atol=TOLERANCE)
+    np.testing.assert_allclose(out.logits, prompted.logits, atol=TOLERANCE)
 
 
 def test_bert_token_classification_drops_the_virtual_positions():
@@ -77,6 +76,81 @@ def test_llama_causal_lm_logits_are_the_callers_positions():
     ids, mask = batch()
     expected = base(*with_prompt_tokens(ids, mask)).logits[:, N:]
     np.testing.assert_allclose(model(ids, mask).logits, expected, atol=TOLERANCE)
+
+
+def hf_prompt_tuning(path, task_type, seed=0, **model_kwargs):
+    """HF PEFT's prompt tuning on a transformers Llama, random prompt, and the
+    same prompt on peftjax's Llama from the same checkpoint."""
+    import transformers
+    from peft import PromptTuningConfig as HFPromptTuningConfig
+    from peft import get_peft_model
+
+    from peftjax.models import from_pretrained
+
+    cls = transformers.LlamaForCausalLM if task_type == "CAUSAL_LM" else transformers.LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    reference = cls.from_pretrained(path, **model_kwargs).eval()
+    theirs = get_peft_model(reference, HFPromptTuningConfig(task_type=task_type, num_virtual_tokens=N)).eval()
+    task = "causal-lm" if task_type == "CAUSAL_LM" else "sequence-classification"
+    ours = from_pretrained(path, task=task, **model_kwargs)
+    peftjax.apply(ours, PromptTuningConfig(num_virtual_tokens=N))
+    ours.eval()
+    ours.model.input_embeddings.prompt[...] = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()
+    return theirs, ours
+
+
+def test_llama_causal_lm_matches_hf_peft(tiny_llama_path):
+    """HF PEFT's own forward on a padded batch: its logits at the caller's positions."""
+    theirs, ours = hf_prompt_tuning(tiny_llama_path, "CAUSAL_LM")
+    ids, mask = (np.asarray(a) for a in batch())
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours(ids, mask).logits)[real], expected[:, N:][real], atol=1e-4, rtol=0)
+
+
+def test_llama_classifier_matches_hf_peft_on_rows_without_padding(tiny_llama_path):
+    """Without padding, transformers' last position is the last real token."""
+    theirs, ours = hf_prompt_tuning(tiny_llama_path, "SEQ_CLS", num_labels=3)
+    ours.score.kernel[...] = theirs.base_model.score.weight.detach().numpy().T
+    ids = np.asarray(batch()[0])
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_roberta_classifier_matches_hf_peft_on_a_right_padded_batch(tmp_path):
+    """<s> of the prompted sequence is the first virtual token; right padding
+    keeps the real tokens' positions where transformers puts them."""
+    import transformers
+    from peft import PromptTuningConfig as HFPromptTuningConfig
+    from peft import get_peft_model
+
+    from peftjax.models import PRESETS, from_pretrained
+
+    config = PRESETS["roberta-tiny"].to_hf_dict()
+    config.update(id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    transformers.RobertaForSequenceClassification(transformers.AutoConfig.for_model(**config)).save_pretrained(tmp_path)
+    reference = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path).eval()
+    theirs = get_peft_model(reference, HFPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)).eval()
+    ours = from_pretrained(tmp_path)
+    peftjax.apply(ours, PromptTuningConfig(num_virtual_tokens=N))
+    ours.eval()
+    prompt = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()
+    ours.roberta.embeddings.input_embeddings.prompt[...] = prompt
+    ids, mask = (np.array(a) for a in batch())
+    ids[mask == 0] = config["pad_token_id"]
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(ours(ids, mask).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_hf_peft_draws_a_random_prompt_from_a_standard_normal(tiny_llama_path):
+    """What the module doc says of HF PEFT's random start (ours is scaled to the table)."""
+    theirs, _ = hf_prompt_tuning(tiny_llama_path, "CAUSAL_LM")
+    values = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()  # N x 64 = 320 draws
+    assert abs(values.mean()) < 0.25 and abs(values.std() - 1) < 0.15
 
 
 def test_text_init_repeats_or_truncates_the_ids_as_hf_peft():

@@ -1,10 +1,14 @@
 """QLoRA and NF4: the code book, the rounding bound it implies, packing, double
-quantisation, memory per parameter, counting, and what the table cannot show."""
+quantisation and the layout against a float64 transcription of bitsandbytes,
+memory per parameter, counting, and what the table cannot show."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -54,22 +58,113 @@ def test_two_codes_per_byte_first_in_the_high_nibble():
     np.testing.assert_array_equal(nf4.dequantize_nf4(codes, absmax, size=64), values)
 
 
-def test_double_quantisation_error_adds_at_most_half_an_int8_step():
+def test_dynamic_map_is_bitsandbytes():
+    """bitsandbytes' create_dynamic_map(signed=True), run as it runs (torch, float32)."""
+    data = [0.0, 1.0]
+    for i in range(7):  # max_exponent_bits = 7, non_sign_bits = 7
+        bounds = torch.linspace(0.1, 1, 2**i + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    theirs = torch.tensor(sorted(data), dtype=torch.float32).numpy()
+    ours = nf4.DYNAMIC_MAP
+    assert ours.dtype == np.float32 and ours.shape == (256,) and (np.diff(ours) > 0).all()
+    np.testing.assert_array_max_ulp(ours, theirs, maxulp=1)  # bitsandbytes rounds each step in float32
+    assert nf4.absmax_error_factor() == pytest.approx(0.9 / 128, rel=1e-5)  # half the top decade's step
+
+
+def test_double_quantised_scales_err_by_at_most_the_maps_half_gap():
     x = jax.random.normal(jax.random.key(1), (300, 128))  # 600 blocks: 3 scale blocks, the last partial
     codes, absmax = nf4.quantize_nf4(x)
     q8, scales, mean = nf4.quantize_absmax(absmax, block_size=256)
-    assert q8.dtype == jnp.int8 and q8.shape == absmax.shape and scales.shape == (3,) and mean.shape == ()
+    assert q8.dtype == jnp.uint8 and q8.shape == absmax.shape and scales.shape == (3,) and mean.shape == ()
     approx = nf4.dequantize_absmax(q8, scales, mean, block_size=256)
     step = np.repeat(np.asarray(scales), 256)[: absmax.size]
-    assert (np.abs(np.asarray(approx) - np.asarray(absmax)) <= step / 2 * (1 + 1e-5)).all()
-    # Per weight: |x - code * c~| <= half_gap * c + |c - c~| (|code| <= 1).
-    back = nf4.dequantize_nf4(codes, approx, size=x.size).reshape(x.shape)
+    assert (np.abs(np.asarray(approx) - np.asarray(absmax)) <= nf4.absmax_error_factor() * step * (1 + 1e-5)).all()
 
-    def per_weight(per_block):
-        return np.repeat(np.asarray(per_block), 64)[: x.size].reshape(x.shape)
 
-    bound = nf4.max_error_factor() * per_weight(absmax) + per_weight(np.abs(approx - absmax))
-    assert (np.abs(np.asarray(x) - np.asarray(back)) <= bound + 1e-6).all()
+def bitsandbytes_reference(weight_oi: np.ndarray, block: int = 64, block2: int = 256) -> dict[str, np.ndarray]:
+    """bitsandbytes' quantize_4bit(quant_type="nf4", compress_statistics=True) and its
+    dequantisation, in float64: blocks of ``block`` along torch's flattened (out, in)
+    weight, nearest NF4 value of each weight / block absmax; the absmax minus their
+    mean, in blocks of ``block2``, each divided by its absolute maximum and rounded to
+    the nearest value of the signed dynamic map (functional.py: create_dynamic_map,
+    quantize_blockwise; backends/default/ops.py)."""
+    blocks = np.asarray(weight_oi, np.float64).reshape(-1, block)
+    absmax = np.abs(blocks).max(axis=1)
+    code = nf4.NF4_CODE.astype(np.float64)
+    indices = np.abs(np.clip(blocks / absmax[:, None], -1, 1)[..., None] - code).argmin(axis=-1)
+    dynamic = [0.0, 1.0]
+    for exponent in range(-6, 1):
+        bounds = np.linspace(0.1, 1.0, 2 ** (exponent + 6) + 1)
+        means = 10.0**exponent * (bounds[:-1] + bounds[1:]) / 2
+        dynamic += [*means, *-means]
+    dynamic = np.sort(dynamic)
+    mean = absmax.mean()
+    q8, peaks, approx = [], [], []
+    for start in range(0, absmax.size, block2):
+        centred = absmax[start : start + block2] - mean
+        peak = np.abs(centred).max()
+        chosen = np.abs((centred / peak)[:, None] - dynamic).argmin(axis=1)
+        q8.append(chosen), peaks.append(peak), approx.append(dynamic[chosen] * peak + mean)
+    approx = np.concatenate(approx)
+    return {
+        "indices": indices.ravel(), "absmax": absmax, "q8": np.concatenate(q8), "peaks": np.array(peaks),
+        "mean": mean, "weight": (code[indices] * approx[:, None]).reshape(weight_oi.shape),
+    }  # fmt: skip
+
+
+def outlier_kernel() -> np.ndarray:
+    """(out, in) = (256, 512) Gaussian weights with a tile of small ones and, in the
+    same 8-bit block of scales whichever way the blocks run, one outlier weight."""
+    rng = np.random.default_rng(0)
+    weight = (0.02 * rng.standard_normal((256, 512))).astype(np.float32)
+    weight[:64, :64] *= 0.2
+    weight[5, 10] = 12.0
+    return weight
+
+
+@pytest.fixture(scope="module", params=["minilm-layer0-output-dense", "synthetic-outliers"])
+def torch_weight(request) -> np.ndarray:
+    """A torch-layout (out, in) float32 weight whose block scales have outliers."""
+    if request.param == "synthetic-outliers":
+        return outlier_kernel()
+    folder = request.getfixturevalue("minilm_path")
+    return load_file(os.path.join(folder, "model.safetensors"))["encoder.layer.0.output.dense.weight"]
+
+
+def quantised_linear(weight_oi: np.ndarray) -> NF4Linear:
+    layer = nnx.Linear(weight_oi.shape[1], weight_oi.shape[0], rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.asarray(weight_oi.T)  # nnx's kernel is (in, out)
+    return NF4Linear(layer, block_size=64, double_quant=True, absmax_block_size=256)
+
+
+def test_every_weight_is_within_the_documented_bound_and_no_block_flips_sign(torch_weight):
+    """|w - dequant(w)| <= max_error_factor() c_j + absmax_error_factor() s_k for every weight,
+    and every block keeps a positive scale."""
+    quantised = quantised_linear(torch_weight)
+    back = np.asarray(quantised.dequantized_kernel()).T
+    reference = bitsandbytes_reference(torch_weight)
+    true_scales, scales = reference["absmax"], np.asarray(quantised.block_scales())
+    assert (scales > 0).all(), f"{int((scales <= 0).sum())} blocks dequantise with a scale <= 0"
+    per_block = nf4.max_error_factor() * true_scales + nf4.absmax_error_factor() * np.repeat(reference["peaks"], 256)
+    bound = np.repeat(per_block, 64).reshape(torch_weight.shape)
+    excess = np.abs(back - torch_weight) / bound
+    over = int((excess > 1 + 1e-5).sum())
+    assert over == 0, f"{over} weights exceed the bound, by up to {excess.max()}"
+
+
+def test_quantised_layer_stores_what_bitsandbytes_stores(torch_weight):
+    """Codes, 8-bit scale codes and dequantised weights against the float64
+    transcription of bitsandbytes; blocks run along torch's flattened (out, in)."""
+    quantised = quantised_linear(torch_weight)
+    reference = bitsandbytes_reference(torch_weight)
+    packed = np.asarray(quantised.codes[...])
+    indices = np.stack([packed >> 4, packed & 0x0F], axis=-1).ravel()
+    np.testing.assert_array_equal(indices, reference["indices"])
+    np.testing.assert_array_equal(quantised.absmax_codes[...], reference["q8"])
+    np.testing.assert_allclose(quantised.absmax_mean[...], reference["mean"], rtol=1e-6)
+    np.testing.assert_allclose(quantised.absmax_scales[...], reference["peaks"], rtol=1e-6)
+    np.testing.assert_allclose(quantised.dequantized_stored(), reference["weight"], rtol=1e-5, atol=1e-7)
 
 
 def stored_bytes_per_param(model) -> float:

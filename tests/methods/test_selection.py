@@ -79,3 +79,21 @@ def test_configs_round_trip_and_reject_all_linear():
         assert peftjax.config_from_dict(config.to_dict()) == config
     with pytest.raises(PeftError, match="wraps none"):
         BitFitConfig(targets="all-linear")
+
+
+def test_ln_tuning_trains_what_hf_peft_trains_on_llama(tiny_llama_path):
+    """HF PEFT's LNTuningConfig targets Llama's input, post-attention and final norms."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from peftjax.models import from_pretrained
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_path)
+    theirs = peft.get_peft_model(reference, peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    their_norms = {
+        name.removeprefix("base_model.model.").split(".ln_tuning_layers.")[0]
+        for name, p in theirs.named_parameters() if p.requires_grad
+    }  # fmt: skip
+    model = from_pretrained(tiny_llama_path)
+    peftjax.apply(model, LNTuningConfig())
+    assert {p.removesuffix(".scale") for p in trained(model)} == their_norms
+    assert peftjax.count_params(model).trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)

