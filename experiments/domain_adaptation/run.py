@@ -36,10 +36,11 @@ SEEDS = (0, 1, 2)
 STRATEGIES = {
     "dann": {"type": "dann", "weight": 1.0, "gamma": 10.0, "hidden": 256},
     "mmd": {"type": "mmd", "weight": 1.0},
-    "pseudo_label": {"type": "pseudo_label", "threshold": 0.9, "rounds": 3, "start": 0.5},
+    "pseudo_label": {"type": "pseudo_label", "threshold": 0.9, "rounds": 2, "start": 0.5},
     "importance_weighting": {"type": "importance_weighting", "clip": 10.0},
 }
 ARMS = ("source_only", *STRATEGIES, "target_supervised")
+TARGETS = ("yelp", "imdb")  # targets/NAME.yaml: each a data section
 
 
 def log(line: str) -> None:
@@ -98,7 +99,7 @@ def main() -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = pathlib.Path("runs/domain_adaptation")
     base = _load(str(HERE / "config.yaml"), [])
-    targets = yaml.safe_load((HERE / "targets.yaml").read_text())
+    targets = {name: yaml.safe_load((HERE / "targets" / f"{name}.yaml").read_text()) for name in TARGETS}
     found = measure_similarity(base, targets)
     rows = []
     plan = cells(targets, seeds)
