@@ -12,14 +12,9 @@ import sys
 
 
 def _load(path: str, overrides: list[str]):
-    from peftjax.config import load_config
-    from peftjax.data import check_data_files
-    from peftjax.methods.base import config_from_dict
-    from peftjax.strategies import strategy_from_dict
+    from peftjax.train.runner import load_experiment  # lazy: `peftjax --help` does not import jax
 
-    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
-    check_data_files(config.data)
-    return config
+    return load_experiment(path, overrides)
 
 
 def _train(args) -> int:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from peftjax import data as data_lib
-from peftjax.config import ExperimentConfig
+from peftjax.config import ExperimentConfig, load_config
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
@@ -43,6 +43,7 @@ from peftjax.strategies.base import (
     stage_starts,
     stages_at,
     step_loss,
+    strategy_from_dict,
 )
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
@@ -274,6 +275,14 @@ def _streams(prep: Prepared, positions: dict[str, dict]) -> dict[str, Stream]:
                      position=data_lib.LoaderState.from_dict(positions[name]) if name in positions else None)
         for index, (name, task) in enumerate(tasks.items())
     }
+
+
+def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """An experiment YAML with ``key.sub=value`` overrides: methods and strategies
+    validated, data files checked, before anything trains."""
+    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
+    data_lib.check_data_files(config.data)
+    return config
 
 
 def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True, fsdp: int = 1) -> dict[str, Any]:

@@ -51,11 +51,11 @@ def _few_shot(args) -> int:
 
 
 def _negative_transfer(args) -> int:
-    from peftjax.cli import _load
+    from peftjax.train.runner import load_experiment
     from peftjax.transfer.negative_transfer import report, run_negative_transfer
 
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    result = run_negative_transfer(_load(args.config, args.overrides), seeds, metric=args.metric, keep=args.keep,
+    result = run_negative_transfer(load_experiment(args.config, args.overrides), seeds, metric=args.metric, keep=args.keep,
                                    log=(lambda line: None) if args.quiet else _log)
     print(report(result, args.metric))
     return 0
