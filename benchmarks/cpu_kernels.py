@@ -6,7 +6,8 @@ alone, JAX against PyTorch on the same shapes (batch 32 x 64 tokens, MiniLM's 12
 fix could win before anyone builds it:
 
 * attention: peftjax's two paths (the explicit softmax it keeps for attention dropout,
-  and ``jax.nn.dot_product_attention``, which it runs without) against PyTorch's fused
+  and ``lean_backward.attention``, which it runs without), and
+  ``jax.nn.dot_product_attention``, against PyTorch's fused
   ``scaled_dot_product_attention``, with leaves in JAX's (B, T, N, H) layout (transposed
   for torch, whose gradients then come back through the transposes) and in torch's own;
 * GELU: the exact (erf) form the checkpoint uses, against the tanh approximation;
@@ -88,7 +89,7 @@ def attention(repeats: int) -> dict[str, float]:
     return {
         "peftjax explicit_attention (the path with attention dropout)": median_ms(
             jax_forward_backward(explicit, q, k, v), repeats),
-        "peftjax dot_product_attention (jax.nn.dot_product_attention, xla)": median_ms(
+        "peftjax dot_product_attention (lean_backward.attention)": median_ms(
             jax_forward_backward(ours, q, k, v), repeats),
         "jax.nn.dot_product_attention (xla), boolean mask": median_ms(jax_forward_backward(xla, q, k, v), repeats),
         "torch scaled_dot_product_attention, (B, T, N, H) leaves transposed": median_ms(

@@ -25,7 +25,8 @@ _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8\
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
              "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
 REPO = str(Path(__file__).resolve().parents[1] / "peftjax")
-ATTENTION = ("dot_product_attention", "explicit_attention")  # peftjax.models.common's attention functions
+# peftjax.models.common's attention functions, and lean_backward's (attention, attention_probs, _attention_*)
+ATTENTION = ("dot_product_attention", "explicit_attention", "attention", "_attention_")
 # Ops that move no data of their own.
 FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
 

@@ -16,6 +16,9 @@ does, and reports:
   (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM`` to the current resident set
   after building), so the loading peak cannot hide in it;
 * ``hwm_process``: the process's peak from start to end, the larger of the two;
+* ``rss_built``: resident bytes when training starts; with ``--trim-after-build`` both
+  sides first call glibc's ``malloc_trim(0)``, which hands the free memory of the heap
+  (what loading and compiling used and released) back to the kernel;
 * peftjax only: XLA's memory plan of the compiled step (arguments + outputs - aliased
   + temporaries + generated code), which counts buffers, not pages.
 
@@ -25,11 +28,14 @@ process while it trains) and ``hwm_train - rss_imports`` (training's own memory,
 the framework's libraries).
 
     python benchmarks/memory_vs_hf_peft.py --json benchmarks/results/minilm_memory_vs_hf_peft.json
+    python benchmarks/memory_vs_hf_peft.py --methods lora --trim-after-build \
+        --json benchmarks/results/minilm_memory_vs_hf_peft_trimmed.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -77,6 +83,8 @@ def worker(args) -> dict:
         source = Source.resolve(args.model)  # a preset: peftjax builds it from its own config
     side = Side(args, source, make_batch(args, source))
     hwm_build = _status("VmHWM")
+    if args.trim_after_build:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     rss_built = _status("VmRSS")
     for _ in range(args.steps):
@@ -102,6 +110,7 @@ def measure(side: str, args, source: Source) -> dict:
                "--method", args.method, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--targets", ",".join(args.targets), "--rank", str(args.rank), "--alpha", str(args.alpha),
                "--dtype", args.dtype] + (["--dropout"] if args.dropout else [])  # fmt: skip
+    command += ["--trim-after-build"] if args.trim_after_build else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{side} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -145,6 +154,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--targets", help="as compare_hf_peft.py (default: the family's)")
     parser.add_argument("--dropout", action="store_true", help="keep the model's dropout rates (default: 0)")
+    parser.add_argument("--trim-after-build", action="store_true",
+                        help="both sides hand the heap's free memory back to the kernel (glibc's malloc_trim) "
+                             "between building and training")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)

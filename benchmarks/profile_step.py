@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--attention", choices=("fused", "explicit"), default="fused",
-                        help="peftjax's attention without dropout: jax.nn.dot_product_attention (what the models run) "
+    parser.add_argument("--attention", choices=("lean", "explicit"), default="lean",
+                        help="peftjax's attention without dropout: lean_backward.attention (what the models run) "
                              "or the explicit softmax (what they ran before)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -14,9 +14,9 @@ phase (forward, backward, outside the derivative):
   a CPU is bound by them;
 * the attention products: their operand shapes, layouts and dimension numbers.
 
-The two attention paths are compiled side by side: ``fused`` (``jax.nn.dot_product_attention``,
-what the models run without attention dropout) and ``explicit`` (the written-out softmax,
-kept for attention dropout). The same counts are made for the attention and GELU
+The two attention paths are compiled side by side: ``lean`` (``lean_backward.attention``,
+what the models run without attention dropout) and ``explicit`` (the written-out softmax
+as JAX differentiates it, kept for attention dropout). The same counts are made for the attention and GELU
 programs ``cpu_kernels.py`` times alone, to set the in-step op groups beside them.
 
 Last, which threads exist and which of them burn CPU during three steps (a census,
@@ -122,7 +122,7 @@ def analyse(module: HloModule, layers: int) -> dict:
 
 
 def build_step(method: str, attention: str):
-    """The compiled MiniLM step of compare_hf_peft.py, with ``attention`` = fused or explicit."""
+    """The compiled MiniLM step of compare_hf_peft.py, with ``attention`` = lean or explicit."""
     args = types.SimpleNamespace(model="minilm", method=method, dtype="fp32", batch=32, seq=64, rank=8, alpha=16.0,
                                  targets=None, dropout=False)
     source = Source.resolve("minilm")
@@ -150,7 +150,7 @@ def isolated_programs() -> dict[str, HloModule]:
     off = nnx.Dropout(0.0, rngs=nnx.Rngs(0))
     programs = {
         "attention, explicit": lambda q, k, v: common.explicit_attention(q, k, v, mask, dropout=off),
-        "attention, fused (jax.nn.dot_product_attention)": lambda q, k, v: common.dot_product_attention(
+        "attention, lean (lean_backward.attention)": lambda q, k, v: common.dot_product_attention(
             q, k, v, mask, dropout=off),
     }  # fmt: skip
     found = {}
@@ -220,14 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": {},
     }  # fmt: skip
     for method in args.methods.split(","):
-        for attention in ("fused", "explicit"):
+        for attention in ("lean", "explicit"):
             compiled, state, batch, layers = build_step(method, attention)
             cost = compiled.cost_analysis()
             row = analyse(HloModule(compiled.as_text()), layers)
             row["xla_flops"] = float(cost["flops"])
             row["xla_bytes_accessed"] = float(cost["bytes accessed"])
             row["memory_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
-            if attention == "fused":
+            if attention == "lean":
                 row["threads"] = thread_census(compiled, state, batch)
             result["steps"][f"{method}, {attention}"] = row
             print(f"{method}, {attention}: {row['instructions']} instructions, per layer "

@@ -2,7 +2,7 @@
 
     python benchmarks/summarize.py bench benchmarks/results/bert_base_cpu.json
     python benchmarks/summarize.py compare benchmarks/results/minilm_*_vs_hf_peft.json
-    python benchmarks/summarize.py memory|floor|hlo|casts|scaling <json>
+    python benchmarks/summarize.py memory|floor|lean|hlo|casts|scaling <json>
     python benchmarks/summarize.py nf4-layout benchmarks/results/nf4_layout.json
 
 Every number in ``benchmarks/results/README.md`` comes out of this script, so the
@@ -101,8 +101,10 @@ def memory_table(path: Path) -> str:
                 f"**{ratio['hwm_train']:.3f}**" if ratio else "", f"{ratio['hwm_train_above_imports']:.3f}" if ratio else "",
             ]) + " |")  # fmt: skip
     cfg = result["config"]
+    pairs = f"{cfg['repeats']} fresh process pair" + ("s per method (median kept)" if cfg["repeats"] > 1 else " per method")
+    trimmed = ", malloc_trim after building" if cfg.get("trim_after_build") else ""
     lines.append(f"\nMiniLM-L6, batch {cfg['batch']} x {cfg['seq']}, {cfg['dtype']}, {cfg['steps']} steps per process, "
-                 f"{cfg['repeats']} fresh process pairs per method (median kept), MiB")
+                 f"{pairs}{trimmed}, MiB")
     return "\n".join(lines)
 
 
@@ -118,27 +120,53 @@ def floor_tables(path: Path, gap_methods: tuple[str, ...] = ("full", "lora-r8", 
         lines.append(f"| {model} | {found['batch']} x {found['seq']}, {found['dtype']} | {len(ok)} | "
                      f"{'every one' if all(r['above_floor'] for r in ok) else 'NOT ALL'} | {ratios[0]:.3f} | "
                      f"{ratios[len(ratios) // 2]:.3f} | {ratios[-1]:.3f} |")  # fmt: skip
-    floor_of = {
-        "arguments": lambda r: r["floor"]["total"] - r["floor"]["activations"],
-        "attention": lambda r: r["floor_activations"]["attention"] + r["floor_activations"]["context"],
-        "norms": lambda r: r["floor_activations"]["norms"] + r["floor_activations"]["kernel_inputs"],
-        "ffn": lambda r: r["floor_activations"]["ffn"],
-        "adapters": lambda r: r["floor_activations"]["adapters"],
-        "head": lambda r: r["floor_activations"]["head"],
-    }
-    held_only = ("argument copies", "backward", "optimizer update", "other")
-    head = [f"{k} (XLA / floor)" for k in floor_of] + list(held_only) + ["XLA peak", "XLA plan", "floor"]
-    lines += ["", "| model | method | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(head)]
+    lines += ["", "| model | method | " + " | ".join(_TERMS_HEAD) + " |", "|---|---|" + "---:|" * len(_TERMS_HEAD)]
     for model, found in result["models"].items():
         for row in found["rows"]:
-            if row["status"] != "ok" or row["method"] not in gap_methods:
-                continue
-            held = row["xla_peak_by_term"]
-            cells = [f"{held.get(k, 0) / 1e6:,.1f} / {f(row) / 1e6:,.1f}" for k, f in floor_of.items()]
-            cells += [f"{held.get(k, 0) / 1e6:,.1f}" for k in held_only]
-            cells += [f"{held['total'] / 1e6:,.1f}", f"{row['xla_plan']['total'] / 1e6:,.1f}",
-                      f"{row['floor']['total'] / 1e6:,.1f}"]
-            lines.append(f"| {model} | {row['method']} | " + " | ".join(cells) + " |")
+            if row["status"] == "ok" and row["method"] in gap_methods:
+                lines.append(f"| {model} | {row['method']} | " + " | ".join(_term_cells(row)) + " |")
+    return "\n".join(lines)
+
+
+# What XLA holds at its peak by term (floor_check.peak_by_term), beside the floor's share of it.
+_FLOOR_OF = {
+    "arguments": lambda r: r["floor"]["total"] - r["floor"]["activations"],
+    "attention": lambda r: r["floor_activations"]["attention"] + r["floor_activations"]["context"],
+    "norms": lambda r: r["floor_activations"]["norms"] + r["floor_activations"]["kernel_inputs"],
+    "ffn": lambda r: r["floor_activations"]["ffn"],
+    "adapters": lambda r: r["floor_activations"]["adapters"],
+    "head": lambda r: r["floor_activations"]["head"],
+}
+_HELD_ONLY = ("argument copies", "backward", "optimizer update", "other")
+_TERMS_HEAD = [f"{k} (XLA / floor)" for k in _FLOOR_OF] + list(_HELD_ONLY) + ["XLA peak", "XLA plan", "floor"]
+
+
+def _term_cells(row: dict) -> list[str]:
+    held = row["xla_peak_by_term"]
+    cells = [f"{held.get(k, 0) / 1e6:,.1f} / {f(row) / 1e6:,.1f}" for k, f in _FLOOR_OF.items()]
+    cells += [f"{held.get(k, 0) / 1e6:,.1f}" for k in _HELD_ONLY]
+    totals = (held["total"], row["xla_plan"]["total"], row["floor"]["total"])
+    return cells + [f"{total / 1e6:,.1f}" for total in totals]
+
+
+def lean_tables(path: Path) -> str:
+    """lean_backward.py: per method and variant, XLA's plan and counts, then what it holds at
+    its peak by term against the floor (MB)."""
+    result = json.loads(path.read_text())
+    head = ["method", "variant", "XLA plan MB", "temporaries MB", "GFLOP (XLA)", "GB accessed (XLA)", "plan / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for method, rows in result["methods"].items():
+        for name, row in rows.items():
+            plan = row["xla_plan"]
+            lines.append(f"| {method} | {name} | {plan['total'] / 1e6:,.1f} | {plan['temp'] / 1e6:,.1f} | "
+                         f"{row['flops'] / 1e9:,.2f} | {row['bytes_accessed'] / 1e9:,.2f} | "
+                         f"{plan['total'] / row['floor']['total']:.3f} |")  # fmt: skip
+    lines += ["", "| method | variant | " + " | ".join(_TERMS_HEAD) + " |", "|---|---|" + "---:|" * len(_TERMS_HEAD)]
+    for method, rows in result["methods"].items():
+        for name, row in rows.items():
+            lines.append(f"| {method} | {name} | " + " | ".join(_term_cells(row)) + " |")
+    lines.append(f"\n{result['model']}, batch {result['batch']} x {result['seq']}, {result['dtype']}, abstract "
+                 f"(compiled, not run), jax {result['jax']}")
     return "\n".join(lines)
 
 
@@ -204,7 +232,7 @@ def layout_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"memory": memory_table, "floor": floor_tables, "hlo": hlo_table, "casts": casts_table,
+TABLES = {"memory": memory_table, "floor": floor_tables, "lean": lean_tables, "hlo": hlo_table, "casts": casts_table,
           "scaling": scaling_table, "nf4-layout": layout_table}
 
 

@@ -3,8 +3,8 @@
 The step of ``compare_hf_peft.py`` (MiniLM-L6, batch 32 x 64, fp32, dropout off) is
 compiled once per variant: XLA's default, each option in ``VARIANTS`` (passed as
 per-executable ``compiler_options``, so all variants live in one process), and the
-attention path the models ran before ``jax.nn.dot_product_attention`` (the explicit
-softmax). With ``--hf`` (default), HF PEFT's step joins the rotation as the reference.
+explicit attention path (the written-out softmax as JAX differentiates it, which the
+models ran before ``lean_backward.attention``). With ``--hf`` (default), HF PEFT's step joins the rotation as the reference.
 Every variant trains its own copy of the same initial state.
 
 Each round times ``--steps`` steps of every variant, in an order rotated from round to

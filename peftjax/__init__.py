@@ -15,7 +15,17 @@ from peftjax.core.inject import (
 )
 from peftjax.core.labels import PeftOptimizer, make_optimizer, param_labels
 from peftjax.core.layer_groups import LayerGroup, layer_groups
-from peftjax.errors import PeftError
+from peftjax.errors import (
+    AdapterError,
+    BenchError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    PeftError,
+    Preempted,
+    RunError,
+)
 from peftjax.methods import import_all, registered_methods
 from peftjax.methods.base import FROZEN, AdapterWrapper, MethodConfig, config_from_dict, register_method
 from peftjax.strategies import Strategy, register_strategy, registered_strategies
@@ -25,13 +35,21 @@ from peftjax.variables import AdapterBuffer, AdapterParam
 __all__ = [
     "FROZEN",
     "AdapterBuffer",
+    "AdapterError",
     "AdapterParam",
     "AdapterWrapper",
+    "BenchError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
     "LayerGroup",
     "MethodConfig",
+    "ModelLoadError",
     "ParamCount",
     "PeftError",
     "PeftOptimizer",
+    "Preempted",
+    "RunError",
     "Strategy",
     "TrainState",
     "TrainStep",

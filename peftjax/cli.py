@@ -8,7 +8,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import warnings
 
 
 def _load(path: str, overrides: list[str]):
@@ -53,19 +55,30 @@ def _log_line(line: str) -> None:
 
 
 def _rank_search(args) -> int:
-    from peftjax.rank_search import load_rank_search, run_rank_search
+    from peftjax.rank_search import SweepError, load_rank_search, run_comparison, run_rank_search
 
     config, sweep = load_rank_search(args.config, args.overrides)
     if args.mode:
         sweep = dataclasses.replace(sweep, mode=args.mode)
     flags = ["--mode", args.mode] if args.mode else []
     flags += ["--compare-sequential"] if args.compare_sequential else []
+    flags += ["--resume"] if args.resume else []
     command = " ".join(["peftjax", "rank-search", args.config, *args.overrides, *flags])  # recorded in the report
-    payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
-                              log=(lambda line: None) if args.quiet else _log_line, command=command)
+    log = (lambda line: None) if args.quiet else _log_line
+    if sweep.searches == ("grid",):
+        payload = run_rank_search(config, sweep, compare_sequential=args.compare_sequential, overwrite=args.overwrite,
+                                  resume=args.resume, log=log, command=command)
+    elif args.compare_sequential:
+        raise SweepError("--compare-sequential times the grid alone; drop it or set sweep.searches: [grid]",
+                         "sweep.searches")
+    else:
+        payload = run_comparison(config, sweep, overwrite=args.overwrite, resume=args.resume, log=log,
+                                 command=command)
+    picked = [{k: e.get(k) for k in ("search", "target_set", "picked_rank", "mean", "points_from_grid_best",
+                                     "flops_fraction_of_grid")} for e in payload.get("comparison", {}).get("entries", [])]
     print(json.dumps({"output_dir": config.output_dir, "points": len(payload["rows"]),
-                      "pareto": payload["pareto"], "timing_ratio": payload["timing"].get("batched_over_sequential")},
-                     indent=2))
+                      "pareto": payload.get("pareto"), "timing_ratio": payload.get("timing", {}).get(
+                          "batched_over_sequential"), "comparison": picked}, indent=2))
     return 0
 
 
@@ -74,6 +87,9 @@ def _bench(args) -> int:
 
     from peftjax.bench import BenchSpec, charts, run_bench, table, write_json
 
+    for flag, folder in (("--json", args.json and Path(args.json).parent), ("--charts", args.charts)):
+        if folder:
+            _check_writable(Path(folder), flag)
     spec = BenchSpec(model=args.model, methods=tuple(args.methods.split(",")), batch=args.batch, seq=args.seq,
                      image_size=args.image_size, dtype=args.dtype, param_dtype=args.param_dtype, abstract=args.abstract, steps=args.steps,
                      warmup=args.warmup, task=args.task, dropout=args.dropout)
@@ -88,6 +104,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _check_writable(folder, flag: str) -> None:
+    """Before a long benchmark: its output folder can be written."""
+    from peftjax.errors import BenchError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise BenchError(f"{flag}: cannot write to {folder} ({err.strerror or err}); choose a writable folder") from None
+
+
 def _convert_adapter(args) -> int:
     from peftjax.core.adapter_io import load_adapter, save_adapter
     from peftjax.models import from_pretrained
@@ -100,7 +129,7 @@ def _convert_adapter(args) -> int:
 def _combine_adapters(args) -> int:
     from peftjax.arithmetic import combine_saved
     from peftjax.core.adapter_io import save_adapter
-    from peftjax.errors import PeftError
+    from peftjax.errors import ConfigError
     from peftjax.models import from_pretrained
 
     weights = {}
@@ -111,7 +140,7 @@ def _combine_adapters(args) -> int:
         except ValueError:
             folder = ""
         if not folder:
-            raise PeftError(f"{item!r}: give each adapter as FOLDER=WEIGHT, e.g. runs/a/adapter=0.5")
+            raise ConfigError(f"{item!r}: give each adapter as FOLDER=WEIGHT, e.g. runs/a/adapter=0.5")
     model = combine_saved(from_pretrained(args.model), weights, combination=args.combination, svd_rank=args.svd_rank,
                           density=args.density, majority_sign=args.majority_sign, seed=args.seed)
     print(save_adapter(model, args.out, format=args.format))
@@ -126,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coordinator", help="with --distributed: host:port of process 0")
     parser.add_argument("--num-processes", type=int, help="with --distributed: how many processes in all")
     parser.add_argument("--process-id", type=int, help="with --distributed: this process's index")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
+                        help="with --distributed: a process that sends no heartbeat for this long is dead, and "
+                             "the others stop (default: 100, as JAX's)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an experiment config")
@@ -149,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--compare-sequential", action="store_true",
                         help="also train every point the other way, for the wall-time ratio batched/sequential")
     search.add_argument("--overwrite", action="store_true", help="replace an earlier rank search in output_dir")
+    search.add_argument("--resume", action="store_true",
+                        help="continue a rank search in output_dir: finished points are read back, not trained again")
     search.add_argument("--quiet", action="store_true", help="no per-program log lines")
     search.set_defaults(handler=_rank_search)
 
@@ -198,18 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a ``PeftError`` becomes one line on stderr and exit
+    code 2, a preempted run exits 128 + the signal's number. Any other
+    exception is a bug and keeps its traceback."""
+    from peftjax.errors import PeftError, PeftWarning, Preempted
+
     args = build_parser().parse_args(argv)
-    if args.distributed:
-        import jax
+    show_warning = warnings.showwarning
 
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from peftjax.errors import PeftError
+    def show(message, category, *rest, **kwargs):
+        if issubclass(category, PeftWarning):
+            print(f"peftjax: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_warning(message, category, *rest, **kwargs)
 
+    warnings.showwarning = show
     try:
+        if args.distributed:
+            from peftjax.train.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id,
+                       heartbeat_timeout_s=args.heartbeat_timeout)
         return args.handler(args)
-    except (PeftError, FileNotFoundError) as err:
-        print(f"peftjax: error: {err}", file=sys.stderr)
+    except PeftError as err:
+        print(f"peftjax: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        print(f"peftjax: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside a run's loop, where Ctrl-C stops with a checkpoint instead
+        print("peftjax: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

@@ -29,26 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from peftjax.errors import PeftError
-
-
-class ConfigError(PeftError):
-    """An experiment config that cannot be used, with the dotted key at fault.
-
-    ``key`` is the full dotted key when the problem belongs to one field
-    (``"train.batch_size"``), else ``None``; ``detail`` is the explanation
-    without the key. Nested sections re-raise their children's errors with
-    their own prefix, so the message always names the key as written in YAML.
-    """
-
-    def __init__(self, detail: str, key: str | None = None) -> None:
-        self.key = key
-        self.detail = detail
-        super().__init__(f"{key}: {detail}" if key else detail)
-
-    def prefixed(self, prefix: str) -> ConfigError:
-        """The same error with ``prefix`` (``"data."``, ``"methods.0."``) before its key."""
-        return ConfigError(self.detail, f"{prefix}{self.key}" if self.key else prefix.rstrip(".") or None)
+from peftjax.errors import ConfigError
 
 
 class UnknownKeyError(ConfigError):
@@ -465,6 +446,10 @@ def read_tree(path: pathlib.Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path.resolve()}") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".json":
         try:
             tree = json.loads(text)

@@ -24,7 +24,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
-from peftjax.errors import PeftError
+from peftjax.errors import BenchError
 from peftjax.methods.base import MethodConfig
 from peftjax.methods.bitfit import BitFitConfig
 from peftjax.methods.bottleneck import BottleneckConfig
@@ -99,7 +99,7 @@ def method_names(spec: str) -> list[str]:
     names = list(ALL_METHODS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in _FIXED and not _LORA.fullmatch(n)]
     if unknown or not names:
-        raise PeftError(f"unknown benchmark method(s) {unknown}; known: {sorted(_FIXED)} and lora-rN (e.g. lora-r8)")
+        raise BenchError(f"unknown benchmark method(s) {unknown}; known: {sorted(_FIXED)} and lora-rN (e.g. lora-r8)")
     return names
 
 
@@ -108,13 +108,13 @@ def method_config(name: str, model_type: str) -> MethodConfig:
     if model_type in CONV_FAMILIES:
         method_names(name)  # raises with the list of known names
         if name not in _SELECTION_METHODS:
-            raise PeftError(
+            raise BenchError(
                 f"{name} adapts transformer parts (attention, linear projections, token inputs); a {model_type} has "
                 f"convolutions and one linear head, so the benchmark runs {', '.join(_SELECTION_METHODS)} on it"
             )
         return _FIXED[name](None)
     if model_type not in FAMILY_TARGETS:
-        raise PeftError(
+        raise BenchError(
             f"no benchmark targets for model_type {model_type!r}; known: {sorted([*FAMILY_TARGETS, *CONV_FAMILIES])}"
         )
     targets = FAMILY_TARGETS[model_type]

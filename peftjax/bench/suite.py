@@ -50,7 +50,7 @@ from peftjax.core.adapter_io import adapter_variables, save_adapter
 from peftjax.core.counting import count_params
 from peftjax.core.inject import apply, iter_wrappers
 from peftjax.core.labels import make_optimizer
-from peftjax.errors import PeftError
+from peftjax.errors import BenchError, PeftError
 from peftjax.models import registry
 from peftjax.models.factory import PRESETS, from_config
 from peftjax.models.loading import from_pretrained
@@ -99,6 +99,12 @@ class BenchSpec:
     warmup: int = 2
     task: str | None = None
     dropout: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, least in (("batch", 1), ("seq", 1), ("image_size", 1), ("steps", 1), ("warmup", 0)):
+            value = getattr(self, flag)
+            if not isinstance(value, int) or value < least:
+                raise BenchError(f"--{flag.replace('_', '-')} {value!r}: must be an integer of at least {least}")
     seed: int = 0
 
 
@@ -118,7 +124,7 @@ def resolve_model(name: str) -> tuple[registry.ModelConfig, Path | None]:
     else:
         folder = Path(name)
     if not (folder / "config.json").is_file():
-        raise PeftError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}), 'minilm', or a checkpoint folder")
+        raise BenchError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}), 'minilm', or a checkpoint folder")
     return registry.config_from_hf_dict(json.loads((folder / "config.json").read_text())), folder
 
 
@@ -149,12 +155,12 @@ class ModelBuilder:
         self.config, self.folder = resolve_model(spec.model)
         self.task = spec.task or default_task(self.config)
         if self.task not in TASKS:
-            raise PeftError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
+            raise BenchError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
         model_type = self.config.model_type
         if model_type not in analytic._FAMILY and model_type not in IMAGE_FAMILIES:
-            raise PeftError(f"bench supports BERT/RoBERTa, Llama-family and ResNet models, not {model_type!r}")
+            raise BenchError(f"bench supports BERT/RoBERTa, Llama-family and ResNet models, not {model_type!r}")
         if (model_type in IMAGE_FAMILIES) != (self.task == "image_classification"):
-            raise PeftError(f"task {self.task!r} does not fit a {model_type} model; leave --task out for its own")
+            raise BenchError(f"task {self.task!r} does not fit a {model_type} model; leave --task out for its own")
         self.overrides = {} if spec.dropout else _no_dropout(self.config)
         self.dtype = analytic.as_dtype(spec.dtype)
         self.param_dtype = analytic.as_dtype(spec.param_dtype)

@@ -38,7 +38,7 @@ from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import DEFAULT_ADAPTER, applied_methods, apply
 from peftjax.core.labels import param_labels
 from peftjax.core.paths import dotted
-from peftjax.errors import PeftError
+from peftjax.errors import AdapterError, PeftError
 from peftjax.methods.base import FROZEN, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -60,18 +60,31 @@ def adapter_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
 def adapter_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """``{dotted path: array}`` of every parameter the default labels train (inactive adapters' included)
     and of the running statistics that changed."""
-    return {name: np.asarray(jax.device_get(v.get_value())) for name, v in adapter_variables(model).items()}
+    return {name: _on_host(v.get_value()) for name, v in adapter_variables(model).items()}
+
+
+def _on_host(value) -> np.ndarray:
+    """A whole array in host memory, gathered from every process when it spans several."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal["peftjax", "peft"] = "peftjax") -> Path:
     """Write the model's adapters to the folder ``path`` atomically: the folder
-    appears complete or not at all (written beside it, then renamed).
+    appears complete or not at all (written beside it, then renamed). A write
+    that fails raises ``AdapterError`` and leaves an earlier adapter at
+    ``path`` as it was. With several processes, every one must call it (the
+    arrays are gathered from all), process 0 writes, and all return when the
+    folder is there.
 
     ``format="peft"`` writes HF PEFT's layout (one adapter; see
     ``peftjax.core.hf_peft``) for ``peft.PeftModel.from_pretrained``.
     """
     if not applied_methods(model):
-        raise PeftError("the model has no adapters to save: apply a method first (peftjax.apply)")
+        raise AdapterError("the model has no adapters to save: apply a method first (peftjax.apply)")
     if format == "peft":
         config, arrays = hf_peft.to_hf(model)
         metadata = {"format": "pt"}  # as torch-saved safetensors are marked
@@ -82,40 +95,70 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal[
         }
         arrays, metadata = adapter_state(model), None
     else:
-        raise PeftError(f"format={format!r}: choose 'peftjax' or 'peft' (HF PEFT's layout)")
+        raise AdapterError(f"format={format!r}: choose 'peftjax' or 'peft' (HF PEFT's layout)")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if jax.process_index() != 0:
+        _wait_for_process_0(f"save_adapter {path}")
+        return path
+    staging = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         save_file(arrays, str(staging / WEIGHTS_FILE), metadata=metadata)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _replace_folder(staging, path)
+    except OSError as err:
+        raise AdapterError(f"cannot write the adapter to {path} ({err.strerror or err}); an earlier adapter there "
+                           "is left as it was. Free disk space or choose a writable folder.") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _wait_for_process_0(f"save_adapter {path}")
     return path
+
+
+def _wait_for_process_0(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """``new`` renamed to ``path``; an old ``path`` is moved aside first and
+    deleted last, so a failure leaves one complete folder at ``path``."""
+    if not path.exists():
+        new.rename(path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    try:
+        new.rename(path)
+    except OSError:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not weights_file.is_file() and (path / PICKLE_FILE).is_file():
-        raise PeftError(
+        raise AdapterError(
             f"{path} holds {PICKLE_FILE} but no {WEIGHTS_FILE}: peftjax reads safetensors only (a pickle can run "
             "code). Convert it once in PyTorch: peft.PeftModel.from_pretrained(base_model, DIR).save_pretrained(DIR)"
         )
     for file in (config_file, weights_file):
         if not file.is_file():
-            raise PeftError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
+            raise AdapterError(f"{file} not found: an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (peftjax.save_adapter)")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise PeftError(f"{config_file} is not valid JSON: {err}") from None
+        raise AdapterError(f"{config_file} is not valid JSON: {err}") from None
     try:
         arrays = {k: np.asarray(v) for k, v in load_file(str(weights_file)).items()}
     except (SafetensorError, OSError) as err:
-        raise PeftError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
+        raise AdapterError(f"{weights_file} cannot be read ({err}); re-save the adapter") from None
     return config, arrays
 
 
@@ -127,10 +170,10 @@ def _methods(config: dict[str, Any], config_file: Path, adapter_name: str | None
             entry = dict(entry)
             methods.append((entry.pop("adapter_name"), config_from_dict(entry)))
     except (KeyError, TypeError) as err:
-        raise PeftError(f"{config_file} is neither a peftjax nor an HF PEFT adapter config: {err}") from None
+        raise AdapterError(f"{config_file} is neither a peftjax nor an HF PEFT adapter config: {err}") from None
     if adapter_name is not None:
         if len(methods) != 1:
-            raise PeftError(f"adapter_name= renames a single adapter; {config_file} holds {[n for n, _ in methods]}")
+            raise AdapterError(f"adapter_name= renames a single adapter; {config_file} holds {[n for n, _ in methods]}")
         methods = [(adapter_name, methods[0][1])]
     return methods
 
@@ -174,20 +217,20 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     try:
         abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
     except PeftError as err:
-        raise PeftError(f"adapter at {path} does not fit this model: {err}") from None
+        raise AdapterError(f"adapter at {path} does not fit this model: {err}") from None
     expected, copies = {k: slot.shape for k, slot in slots_of(abstract).items()}, copies_of(abstract)
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected) - set(copies))
     wrong = [f"{k}: file {arrays[k].shape}, model {expected[k]}" for k in sorted(expected.keys() & arrays.keys())
              if tuple(arrays[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        raise PeftError(
+        raise AdapterError(
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
         )
     replaced = [k for k in sorted(copies.keys() & arrays.keys())
                 if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
     if replaced:
-        raise PeftError(
+        raise AdapterError(
             f"adapter at {path} holds base tables that differ from this model's ({replaced}; a resized vocabulary?). "
             "peftjax adapters leave base weights alone: load the base model those tables belong to."
         )

@@ -179,8 +179,11 @@ def make_optimizer(
         if label in multipliers:
             chosen = optax.chain(chosen, optax.scale(multipliers[label]))
         per_label[label] = chosen
-    partition = optax.partition(per_label, _label_tree(labels))
-    optimizer = PeftOptimizer(partition.init, partition.update)
+    tx_all = optax.partition(per_label, _label_tree(labels))
+    for adapter_name, config in applied_methods(model):  # what a method does while training (AdaLoRA)
+        tx_all = config.wrap_optimizer(tx_all, model, adapter_name, labels)
+    tx_all = optax.with_extra_args_support(tx_all)
+    optimizer = PeftOptimizer(tx_all.init, tx_all.update)
     optimizer.labels = labels
     optimizer.fixed_batch_norms = fixed_batch_norms(model, labels, update_frozen=update_frozen_batch_stats)
     return optimizer

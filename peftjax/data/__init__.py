@@ -42,11 +42,13 @@ is, reading tables), :mod:`~peftjax.data.tokenization`,
 :mod:`~peftjax.data.examples` (text and images in memory),
 :mod:`~peftjax.data.loader` (batching and loader state),
 :mod:`~peftjax.data.load` (a task's splits, tokenised and cached),
-:mod:`~peftjax.data.images`, :mod:`~peftjax.data.synthetic` and
+:mod:`~peftjax.data.images`, :mod:`~peftjax.data.digits` (scikit-learn's
+digits and an MNIST-M-style colour domain), :mod:`~peftjax.data.synthetic` and
 :mod:`~peftjax.data.shared` (the shared data folder). The public names are
 all importable from ``peftjax.data``.
 """
 
+from peftjax.data.digits import colour_blend, load_digits
 from peftjax.data.errors import DataError, DataFileNotFoundError
 from peftjax.data.examples import IGNORE_INDEX, ImageExamples, TaskData, TextExamples
 from peftjax.data.images import image_task_from_arrays, load_image_folder
@@ -73,8 +75,10 @@ __all__ = [
     "check_data_files",
     "check_tokenizer_matches",
     "clear_cache",
+    "colour_blend",
     "image_task_from_arrays",
     "load_data",
+    "load_digits",
     "load_image_folder",
     "load_tokenizer",
     "require_shared_data",

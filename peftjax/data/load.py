@@ -144,6 +144,11 @@ def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
         if split == "train":  # the training split fixes the class names for the others
             label_names = table.label_names(config.label_column) or _class_names_from_strings(labels)
         label_ids = _label_ids(labels, where, label_names)
+        if split != "train" and label_names is None and "train" in splits:
+            unseen = sorted({int(i) for i in label_ids if i > splits["train"].labels.max()})
+            if unseen:
+                raise DataError(f"{where} has labels {unseen[:5]} that the training split lacks; "
+                                f"classes: 0..{int(splits['train'].labels.max())}")
         if split == "train" and config.shots_per_class is not None:
             picked = k_shot_rows(label_ids, config.shots_per_class, config.row_seed, names=label_names)
             rows, label_ids = _within(rows, picked), label_ids[picked]

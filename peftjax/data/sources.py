@@ -8,6 +8,7 @@ Every reader returns a :class:`_Table` so the loader does not care which it was.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import dataclasses
@@ -170,8 +171,40 @@ def _file_format(config: DataConfig, path: pathlib.Path) -> str:
     return _TEXT_SUFFIXES[suffix]
 
 
+def _check_text_file(path: pathlib.Path, file_format: str) -> None:
+    """Raises ``DataError`` naming ``path`` when it is empty, holds a header alone,
+    or is not UTF-8 (``datasets`` would say only that generation failed)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = offset = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as error:
+                byte = line[error.start : error.start + 1].hex()
+                raise DataError(
+                    f"{path} is not UTF-8 text: line {lines + 1}, byte {offset + error.start} (0x{byte}); "
+                    f"re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name})"
+                ) from None
+            offset += len(line)
+            lines += bool(line.strip())
+    header = 1 if file_format in ("csv", "tsv") else 0
+    if lines == 0:
+        raise DataError(f"{path} is empty; it needs {'a header line and ' if header else ''}one row per example")
+    if lines <= header:
+        raise DataError(f"{path} has a header line but no rows; it needs one row per example")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _read_local_table(config: DataConfig, path: pathlib.Path) -> _Table:
     file_format = _file_format(config, path)
+    if file_format != "parquet":
+        _check_text_file(path, file_format)
     if file_format in ("csv", "tsv"):
         # keep_default_na=False: a sentence such as "null" or "NA" stays text.
         builder, options = "csv", {"keep_default_na": False}
@@ -186,8 +219,9 @@ def _read_local_table(config: DataConfig, path: pathlib.Path) -> _Table:
             dataset = datasets.load_dataset(
                 builder, data_files={"data": str(path)}, split="data", cache_dir=config.cache_dir, **options
             )
-        except Exception as error:  # datasets wraps parser errors in many types
-            raise DataError(f"could not read {path} as {file_format}: {type(error).__name__}: {error}") from None
+        except Exception as error:  # datasets wraps parser errors in many types; the innermost says what
+            cause = _root_cause(error)
+            raise DataError(f"could not read {path} as {file_format}: {type(cause).__name__}: {cause}") from None
     return _arrow_table(dataset, str(path))
 
 
@@ -206,7 +240,7 @@ def _read_hub_table(config: DataConfig, name: str, split_name: str) -> _Table:
 
 def _read_synthetic_table(name: str, split: str) -> _Table:
     if name not in SYNTHETIC_TASKS:
-        raise DataError(f"unknown synthetic task {name!r}; built in: {list(SYNTHETIC_TASKS)}")
+        raise DataError(f"data.source: unknown synthetic task {name!r}; built in: {list(SYNTHETIC_TASKS)}")
     texts, labels = synthetic_sentiment(split)
     values = {"sentence": texts, "label": labels}
 

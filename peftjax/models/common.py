@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models import lean_backward
+
 Array = jax.Array
 
 
@@ -46,7 +48,7 @@ class ModelOutput:
 
 # Names as transformers' ACT2FN spells them, so configs round-trip unchanged.
 ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": lean_backward.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
@@ -162,9 +164,9 @@ def linear(config: Any, din: int, dout: int, *, bias: bool = True, dtype, param_
     )
 
 
-def layer_norm(config: Any, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+def layer_norm(config: Any, *, dtype, param_dtype, rngs) -> lean_backward.LayerNorm:
     # Two-pass variance, as torch computes it: parity within 1e-4 needs it.
-    return nnx.LayerNorm(
+    return lean_backward.LayerNorm(
         config.hidden_size,
         epsilon=config.layer_norm_eps,
         use_fast_variance=False,
@@ -232,13 +234,12 @@ def dot_product_attention(
     uniform distribution instead of NaN.
 
     Without attention dropout (eval mode, or a rate of 0) this is
-    ``jax.nn.dot_product_attention``, which computes the same function (tested
-    equal within float32 rounding) and whose backward pass XLA compiles to
-    fewer ops; dropout acts on the probabilities, which only the explicit
-    form exposes.
+    ``lean_backward.attention``, whose backward pass keeps the probabilities
+    but not the scores; dropout acts on the probabilities, which only JAX's
+    own differentiation of the written-out form (``explicit_attention``) sees.
     """
     if dropout.rate == 0.0 or dropout.deterministic is True:
-        return jax.nn.dot_product_attention(q_btnh, k_bsmh, v_bsmh, mask=mask_bts[:, None])
+        return _over_groups(lean_backward.attention, q_btnh, k_bsmh, v_bsmh, mask_bts)
     return explicit_attention(q_btnh, k_bsmh, v_bsmh, mask_bts, dropout=dropout)
 
 
@@ -250,28 +251,27 @@ def explicit_attention(
     *,
     dropout: nnx.Dropout,
 ) -> Array:
-    """``dot_product_attention`` written out, with ``dropout`` on the probabilities.
+    """``dot_product_attention`` written out for JAX to differentiate, with ``dropout``
+    on the probabilities."""
 
-    The grouping is an einsum axis rather than a repeat, so no copy of the
-    keys is made.
-    """
+    def attend(q_btmgh: Array, k_bsmh: Array, v_bsmh: Array, mask_bts: Array) -> Array:
+        probs_bmgts = lean_backward.attention_probs(q_btmgh, k_bsmh, mask_bts).astype(v_bsmh.dtype)
+        return jnp.einsum("bmgts,bsmh->btmgh", dropout(probs_bmgts), v_bsmh)
+
+    return _over_groups(attend, q_btnh, k_bsmh, v_bsmh, mask_bts)
+
+
+def _over_groups(attend: Callable[..., Array], q_btnh: Array, k_bsmh: Array, v_bsmh: Array, mask_bts: Array) -> Array:
+    """``attend`` on the queries grouped by key/value head, (batch, t, m, g, h): the
+    grouping is an einsum axis rather than a repeat, so no copy of the keys is made."""
     batch, q_len, num_heads, head_dim = q_btnh.shape
     num_kv_heads = k_bsmh.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(
             f"{num_heads} query heads cannot share {num_kv_heads} key/value heads evenly."
         )
-    groups = num_heads // num_kv_heads
-    q_btmgh = q_btnh.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores_bmgts = jnp.einsum("btmgh,bsmh->bmgts", q_btmgh, k_bsmh)
-    scores_bmgts = scores_bmgts.astype(jnp.float32) * (head_dim**-0.5)
-    scores_bmgts = jnp.where(
-        mask_bts[:, None, None], scores_bmgts, jnp.finfo(jnp.float32).min
-    )
-    probs_bmgts = jax.nn.softmax(scores_bmgts, axis=-1).astype(q_btnh.dtype)
-    probs_bmgts = dropout(probs_bmgts)
-    out_btmgh = jnp.einsum("bmgts,bsmh->btmgh", probs_bmgts, v_bsmh)
-    return out_btmgh.reshape(batch, q_len, num_heads, head_dim)
+    q_btmgh = q_btnh.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    return attend(q_btmgh, k_bsmh, v_bsmh, mask_bts).reshape(batch, q_len, num_heads, head_dim)
 
 
 def as_bool_mask(mask: Array | None, shape: tuple[int, int]) -> Array:

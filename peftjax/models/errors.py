@@ -1,20 +1,10 @@
-"""Errors raised while building or loading reference models.
+"""Errors raised while building or loading reference models (members of :mod:`peftjax.errors`' family).
 
-All derive from ``ModelLoadError`` (a ``ValueError``) so callers can catch
+All derive from ``ModelLoadError`` (a ``PeftError``) so callers can catch
 one type; a checkpoint that cannot be found is also a ``FileNotFoundError``.
 Messages name the file or key at fault and say how to fix it.
 """
 
-from __future__ import annotations
+from peftjax.errors import CheckpointNotFoundError, ModelLoadError, UnsupportedModelError
 
-
-class ModelLoadError(ValueError):
-    """A checkpoint or configuration that cannot become a peftjax model."""
-
-
-class CheckpointNotFoundError(ModelLoadError, FileNotFoundError):
-    """The checkpoint folder, ``config.json`` or a weight file is missing."""
-
-
-class UnsupportedModelError(ModelLoadError):
-    """A ``model_type`` or task that peftjax has no implementation for."""
+__all__ = ["CheckpointNotFoundError", "ModelLoadError", "UnsupportedModelError"]

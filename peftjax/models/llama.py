@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models import common
+from peftjax.models import common, lean_backward
 from peftjax.models.common import Array, ModelOutput
 from peftjax.points import AttentionKeyValue, BranchOutput, InputEmbeddings, prefix_positions
 
@@ -327,8 +327,8 @@ class LlamaConfig:
         return d
 
 
-def _rms_norm(config: LlamaConfig, *, dtype, param_dtype, rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(
+def _rms_norm(config: LlamaConfig, *, dtype, param_dtype, rngs) -> lean_backward.RMSNorm:
+    return lean_backward.RMSNorm(
         config.hidden_size,
         epsilon=config.rms_norm_eps,
         dtype=dtype,

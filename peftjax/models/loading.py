@@ -165,10 +165,11 @@ def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], l
             continue
         owner = modules[owner_path]
         hf_leaf, layout = str(leaf), "same"
-        for layer_type, leaves in _LAYER_LEAVES.items():
-            if type(owner) is layer_type:
-                hf_leaf, layout = leaves[leaf]
-                break
+        # The nearest class in the owner's ancestry: a subclass with leaves of its own
+        # (peftjax's BatchNorm) has its entry, one without (lean_backward.LayerNorm) its base's.
+        leaves = next((_LAYER_LEAVES[cls] for cls in type(owner).__mro__ if cls in _LAYER_LEAVES), None)
+        if leaves is not None:
+            hf_leaf, layout = leaves[leaf]
         names[path] = (".".join(map(str, (*owner_path, hf_leaf))), layout)
     return names, skipped
 

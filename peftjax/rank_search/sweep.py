@@ -29,7 +29,7 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -42,7 +42,15 @@ from peftjax.core.inject import delete_adapter
 from peftjax.core.paths import Targets
 from peftjax.data import BatchLoader
 from peftjax.methods.lora import LoraConfig
-from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
+from peftjax.rank_search.batched import (
+    ADAPTER_NAME,
+    BatchedTrainStep,
+    Member,
+    build_batched_state,
+    member_adafactor,
+    member_factors,
+)
+from peftjax.rank_search.cost import CompileClock, StepShapes
 from peftjax.rank_search.config import (
     Point,
     SweepConfig,
@@ -53,34 +61,32 @@ from peftjax.rank_search.config import (
     resolve_target_sets,
     template_method,
 )
-from peftjax.rank_search.summary import (
-    ENERGIES,
-    agreement,
-    mean_spectra,
-    pareto,
-    save_factors,
-    similarities,
-    summarize,
-)
+from peftjax.errors import Preempted
+from peftjax.rank_search.progress import POINTS_DIR, SweepProgress
+from peftjax.rank_search.summary import ENERGIES, agreement, mean_spectra, pareto, similarities, summarize
 from peftjax.train import runner
+from peftjax.train.output import OutputLock
+from peftjax.train.preemption import StopSignals
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import evaluate
 
 RESULTS_JSON = "rank_search.json"
 RESULTS_CSV = "rank_search.csv"
-POINTS_DIR = "points"
 
 
 @dataclasses.dataclass
 class Timing:
-    """Where one training run's time went."""
+    """Where one training run's time went, and what its training computed."""
 
     setup_s: float = 0.0  # data, model, adapters, optimizer state
-    first_step_s: float = 0.0  # the first step: compilation and one step
-    step_s: float = math.nan  # mean wall time of the later steps
-    train_s: float = 0.0  # all steps
-    eval_s: float = 0.0
+    compile_s: float = 0.0  # tracing, lowering and compiling the step, for every batch shape
+    first_step_s: float = 0.0  # the first step's wall time, its compilation included
+    step_s: float = math.nan  # mean wall time of the later steps, compilation excluded
+    train_s: float = 0.0  # all steps, compilation excluded
+    eval_s: float = 0.0  # evaluation, its compilation excluded
+    eval_compile_s: float = 0.0
+    train_flops: float = 0.0  # XLA's count for the whole program (all members), all steps
 
 
 # ----------------------------------------------------------------------------
@@ -113,7 +119,7 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
         for seed in sweep.seeds
         for target_set in target_sets
         for rank in sweep.ranks
-        for lr in sweep.rates_for(rank, default_lr)
+        for lr in sweep.rates_for(rank, default_lr, target_set.name)
     ]
 
 
@@ -122,35 +128,53 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
 # ----------------------------------------------------------------------------
 
 
-def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing):
-    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members)."""
+def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing,
+           after_step: Callable[[int], None] = lambda step: None):
+    """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members).
+    ``timing`` gets the compilation apart from the steps, and XLA's FLOPs of all steps;
+    ``after_step(step)`` runs after each step (it raises to stop the sweep)."""
     batches = loader.iterate()
     losses = []
-    started = time.perf_counter()
-    state, metrics = step_fn(state, global_batch(next(batches), mesh))
-    losses.append(metrics["loss"])
-    jax.block_until_ready(metrics["loss"])
-    timing.first_step_s = time.perf_counter() - started
-    later = time.perf_counter()
-    for _ in range(total_steps - 1):
-        state, metrics = step_fn(state, global_batch(next(batches), mesh))
+    shapes = StepShapes()
+    with CompileClock() as clock:
+        started = time.perf_counter()
+        batch = global_batch(next(batches), mesh)
+        shapes.add(batch)
+        state, metrics = step_fn(state, batch)
         losses.append(metrics["loss"])
-    jax.block_until_ready(losses[-1])
-    now = time.perf_counter()
+        jax.block_until_ready(metrics["loss"])
+        timing.first_step_s = time.perf_counter() - started
+        after_step(1)
+        later, compiled_before = time.perf_counter(), clock.seconds
+        for step in range(2, total_steps + 1):
+            batch = global_batch(next(batches), mesh)
+            shapes.add(batch)
+            state, metrics = step_fn(state, batch)
+            losses.append(metrics["loss"])
+            after_step(step)
+        jax.block_until_ready(losses[-1])
+        now = time.perf_counter()
     if total_steps > 1:
-        timing.step_s = (now - later) / (total_steps - 1)
-    timing.train_s = now - started
+        timing.step_s = (now - later - (clock.seconds - compiled_before)) / (total_steps - 1)
+    timing.compile_s = clock.seconds
+    timing.train_s = now - started - clock.seconds
+    timing.train_flops = shapes.total_flops(lambda example: step_fn.lower(state, example))
     return state, np.asarray(jax.device_get(losses), np.float64)
 
 
-def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh) -> dict[str, float]:
-    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them."""
+def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh, timing: Timing) -> dict[str, float]:
+    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them;
+    adds the time taken to ``timing`` (evaluation and its compilation apart)."""
     scores = {}
-    for split in ("eval", "test"):
-        if split in prep.task.splits:
-            loader = prep.task.eval_loader(config.train.eval_batch_size, split)
-            found = evaluate(model, loader, prep.loss_fn, mesh)
-            scores.update({f"{split}_{k}": v for k, v in found.items()})
+    started = time.perf_counter()
+    with CompileClock() as clock:
+        for split in ("eval", "test"):
+            if split in prep.task.splits:
+                loader = prep.task.eval_loader(config.train.eval_batch_size, split)
+                found = evaluate(model, loader, prep.loss_fn, mesh)
+                scores.update({f"{split}_{k}": v for k, v in found.items()})
+    timing.eval_s += time.perf_counter() - started - clock.seconds
+    timing.eval_compile_s += clock.seconds
     return scores
 
 
@@ -207,8 +231,12 @@ def _result(
         "step_time_per_member_s": timing.step_s / members,
         "first_step_s": timing.first_step_s,
         "setup_s": timing.setup_s,
+        "compile_s": timing.compile_s,
         "train_s": timing.train_s,
         "eval_s": timing.eval_s,
+        "eval_compile_s": timing.eval_compile_s,
+        "train_flops": timing.train_flops / members,  # this point's share of its program's
+        "program_train_flops": timing.train_flops,
         "peak_memory_bytes": runner.peak_memory_bytes(),
     }
     for energy in ENERGIES:
@@ -235,8 +263,11 @@ def run_batched(
     points: Sequence[Point],
     *,
     log: Callable[[str], None],
+    done: Collection[str] = (),
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> Iterator[PointResult]:
-    """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members)."""
+    """Train ``points`` as batched programs: one per (seed, target set, chunk of max_members),
+    but for programs whose points are all ``done`` (by name)."""
     template = template_method(config)
     mesh = make_mesh()
     # Compiled once per (target set, padded rank, members), reused by every seed and every chunk of
@@ -244,6 +275,8 @@ def run_batched(
     steps: dict[tuple[str, int, int], tuple[BatchedTrainStep, Any]] = {}
     loss_fn = None
     for seed in sweep.seeds:
+        if all(p.name in done for p in points if p.seed == seed):
+            continue
         started = time.perf_counter()
         group_config = _with(config, seed=seed, methods=())
         prep = runner.prepare(group_config)  # data, base model (head seeded), loader, steps, loss
@@ -255,12 +288,15 @@ def run_batched(
             group = _points_of_group(points, seed, target_set.name)
             lora = dataclasses.replace(template, targets=target_set.targets, seed=seed)
             for chunk_index, chunk in enumerate(_chunks(group, sweep.max_members)):
+                if all(p.name in done for p in chunk):  # the same chunks as the first time: the same programs
+                    continue
                 timing = Timing()
                 started = time.perf_counter()
                 members = [Member(p.rank, p.learning_rate) for p in chunk]
 
                 def make_tx(lr: float, _prep=prep):
-                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
+                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps,
+                                                  adafactor=member_adafactor)
 
                 shape_key = (target_set.name, max(m.rank for m in members), len(members))  # same program
                 step_fn, static = steps.get(shape_key, (None, None))
@@ -271,12 +307,11 @@ def run_batched(
                 if step_fn is None:
                     step_fn = BatchedTrainStep(loss_fn, grad_accum=config.train.grad_accum)
                     steps[shape_key] = (step_fn, state.static)
-                state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
+                state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
                 for index, point in enumerate(chunk):
-                    started = time.perf_counter()
                     model = state.member(index).model()
-                    metrics = _evaluate_splits(model, prep, config, mesh)
-                    timing_i = dataclasses.replace(timing, eval_s=time.perf_counter() - started)
+                    timing_i = dataclasses.replace(timing)
+                    metrics = _evaluate_splits(model, prep, config, mesh, timing_i)
                     factors = member_factors(model)
                     yield _result(point, target_set, template, counts[index], metrics, losses[:, index], timing_i,
                                   mode="batched", program=f"batched-s{seed}-{target_set.name}-{chunk_index}",
@@ -292,12 +327,16 @@ def run_sequential(
     points: Sequence[Point],
     *,
     log: Callable[[str], None],
+    done: Collection[str] = (),
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> Iterator[PointResult]:
-    """Train ``points`` one at a time, each as ``peftjax train`` builds a run."""
+    """Train ``points`` one at a time, each as ``peftjax train`` builds a run, but those ``done`` (by name)."""
     template = template_method(config)
     targets_of = {t.name: t for t in target_sets}
     mesh = make_mesh()
     for point in points:
+        if point.name in done:
+            continue
         timing = Timing()
         started = time.perf_counter()
         target_set = targets_of[point.target_set]
@@ -307,11 +346,9 @@ def run_sequential(
         counts = count_params(prep.model, prep.optimizer.labels)
         timing.setup_s = time.perf_counter() - started
         step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
-        state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing)
-        started = time.perf_counter()
+        state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
         model = state.model()
-        metrics = _evaluate_splits(model, prep, cfg, mesh)
-        timing.eval_s = time.perf_counter() - started
+        metrics = _evaluate_splits(model, prep, cfg, mesh, timing)
         log(f"sequential {point.name}: first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step")
         yield _result(point, target_set, template, counts, metrics, losses, timing, mode="sequential",
                       program=point.name, members=1, factors=member_factors(model))
@@ -325,12 +362,13 @@ CSV_COLUMNS = (
     "mode", "target_set", "targets", "modules", "rank", "alpha", "scale", "seed", "learning_rate",
     "trainable_params", "total_params", "eval_accuracy", "eval_loss", "test_accuracy", "test_loss",
     "final_train_loss", "finite", "steps", "members_in_program", "step_time_s", "step_time_per_member_s",
-    "first_step_s", "setup_s", "train_s", "eval_s", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
+    "first_step_s", "setup_s", "compile_s", "train_s", "eval_s", "eval_compile_s", "train_flops",
+    "program_train_flops", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
 )  # fmt: skip
 
 
-def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
-    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)]
+def write_csv(path: pathlib.Path, rows: Sequence[dict], extra_columns: Sequence[str] = ()) -> None:
+    columns = [c for c in (*extra_columns, *CSV_COLUMNS) if any(c in r for r in rows)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
@@ -344,13 +382,10 @@ def _machine_load() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def check_output_dir(config: ExperimentConfig, *, overwrite: bool) -> pathlib.Path:
+def writable_output_dir(config: ExperimentConfig) -> pathlib.Path:
     out = pathlib.Path(config.output_dir)
-    if (out / RESULTS_JSON).exists() and not overwrite:
-        raise SweepError(f"{out} already holds a rank search ({RESULTS_JSON}); pass --overwrite or set "
-                         "output_dir=... to another folder", "output_dir")
     try:
-        (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SweepError(f"{out} is not writable ({err.strerror}); set output_dir=... to a writable folder",
                          "output_dir") from None
@@ -374,13 +409,31 @@ def run_rank_search(
     *,
     compare_sequential: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     report: bool = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep (``sweep.mode``; with ``compare_sequential`` also the other way
-    round for the wall-time ratio) and write the results; returns the JSON payload."""
-    out = check_output_dir(config, overwrite=overwrite)
+    round for the wall-time ratio) and write the results; returns the JSON payload.
+
+    Each point is kept as it finishes (``peftjax.rank_search.progress``); with
+    ``resume`` the finished ones are read back instead of trained again. The
+    output folder is locked for the sweep, and a SIGTERM or SIGINT stops it
+    after the current step with ``Preempted``: the finished points are kept,
+    the program in training starts over on ``--resume``.
+    """
+    out = writable_output_dir(config)
+    with OutputLock(out), StopSignals() as stop:
+        progress = SweepProgress(out, config, sweep, resume=resume, overwrite=overwrite,
+                                 finished_results=(out / RESULTS_JSON).exists())
+        return _run_rank_search(config, sweep, out, progress, stop, compare_sequential=compare_sequential,
+                                report=report, log=log, command=command)
+
+
+def _run_rank_search(config: ExperimentConfig, sweep: SweepConfig, out: pathlib.Path, progress: SweepProgress,
+                     stop: StopSignals, *, compare_sequential: bool, report: bool, log: Callable[[str], None],
+                     command: str | None) -> dict[str, Any]:
     target_sets = validate_against_model(config, sweep)
     points = _plan(sweep, target_sets, config.optim.learning_rate)
     primary = sweep.mode
@@ -393,23 +446,33 @@ def run_rank_search(
     for mode in modes:
         load_before = _machine_load()
         started = time.perf_counter()
-        results = (run_batched(config, sweep, target_sets, points, log=log) if mode == "batched"
-                   else run_sequential(config, target_sets, points, log=log))
-        rows = []
+        by_name = {p.name: row for p, row in ((p, progress.finished(mode).get(p.name)) for p in points) if row}
+        reused = len(by_name)
+        if reused:
+            log(f"{mode}: {reused} of {len(points)} points already trained in {progress.folder}; training the rest")
+
+        def after_step(step: int, mode=mode, by_name=by_name) -> None:
+            if stop.requested(step):
+                raise Preempted(stop.signum, step, f"{progress.folder} ({mode}: {len(by_name)} of {len(points)} "
+                                "points finished; the program in training starts over)")
+
+        kwargs = dict(log=log, done=set(by_name), after_step=after_step)
+        results = (run_batched(config, sweep, target_sets, points, **kwargs) if mode == "batched"
+                   else run_sequential(config, target_sets, points, **kwargs))
         for result in results:
-            rows.append(result.row)
-            if mode == primary:
-                save_factors(out / POINTS_DIR / f"{Point.of(result.row).name}.npz", result.factors)
+            name = Point.of(result.row).name
+            progress.record(mode, name, result.row, result.factors if mode == primary else None)
+            by_name[name] = result.row
+        rows = [by_name[p.name] for p in points]
         programs = _unique_programs(rows)
-        timing[mode] = {"wall_s": time.perf_counter() - started, "load_before": load_before,
+        timing[mode] = {"wall_s": time.perf_counter() - started, "points_reused": reused, "load_before": load_before,
                         "load_after": _machine_load(), "programs": len(programs),
-                        "first_step_s_total": float(sum(r["first_step_s"] for r in programs)),
-                        "train_s_total": float(sum(r["train_s"] for r in programs)),
-                        "setup_s_total": float(sum(r["setup_s"] for r in programs)),
-                        "eval_s_total": float(sum(r["eval_s"] for r in rows))}
+                        **program_totals(rows)}
         rows_by_mode[mode] = rows
         log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
-        if len(rows_by_mode) == 2:
+        if len(rows_by_mode) == 2 and not any(timing[m]["points_reused"] for m in rows_by_mode):
+            # Only when both modes trained every point in this invocation: wall times of a resumed
+            # sweep cover part of the work.
             timing["batched_over_sequential"] = timing["batched"]["wall_s"] / timing["sequential"]["wall_s"]
         # Written after each mode, so a long comparison that fails later keeps the sweep's results.
         payload = _write_results(out, config, sweep, target_sets, rows_by_mode, primary, timing, command, report)
@@ -467,6 +530,19 @@ def _without_spectra(row: dict[str, Any]) -> dict[str, Any]:
 def _unique_programs(rows: Sequence[dict]) -> list[dict]:
     """One row per trained program (members of a batched program share its timing)."""
     return list({row["program"]: row for row in rows}.values())
+
+
+def program_totals(rows: Sequence[dict]) -> dict[str, float]:
+    """Time and FLOPs of the programs that trained ``rows``: setup, compilation, steps and
+    FLOPs once per program; evaluation and its compilation per row."""
+    programs = _unique_programs(rows)
+    per_program = ("first_step_s", "setup_s", "compile_s", "train_s")
+    totals = {f"{key}_total": float(sum(r[key] for r in programs)) for key in per_program}
+    totals["eval_s_total"] = float(sum(r["eval_s"] for r in rows))
+    totals["eval_compile_s_total"] = float(sum(r["eval_compile_s"] for r in rows))
+    totals["train_flops_total"] = float(sum(r["program_train_flops"] for r in programs))
+    totals["optimizer_steps_total"] = int(sum(r["steps"] * r["members_in_program"] for r in programs))
+    return totals
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -33,7 +33,7 @@ from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
 from peftjax.core.labels import PeftOptimizer
-from peftjax.errors import PeftError
+from peftjax.errors import ModelLoadError, NonFiniteLossError, PeftError, Preempted, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
     Strategy,
@@ -46,43 +46,16 @@ from peftjax.strategies.base import (
     strategy_from_dict,
 )
 from peftjax.train.checkpoint import Checkpointer
+from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, RunLog, start_point, writable_output_dir
+from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
 from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
 
-RESULT_FILE = "result.json"
-
-
-class RunError(PeftError):
-    """A run that cannot start or cannot go on; the message names the fix."""
-
-
-class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
 # ----------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------
-
-
-def check_output_dir(config: ExperimentConfig, *, resume: bool) -> pathlib.Path:
-    """Create and probe the output folder before any slow work."""
-    out = pathlib.Path(config.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"output_dir {str(out)!r} is not writable ({err.strerror}); set output_dir=... to a writable folder") from None
-    has_run = (out / "checkpoints").exists() or (out / RESULT_FILE).exists()
-    if has_run and not resume:
-        raise RunError(f"{out} already holds a run; pass --resume to continue it, or set output_dir=... to another folder")
-    if resume and not (out / "checkpoints").exists():
-        raise RunError(f"--resume: {out / 'checkpoints'} does not exist; nothing to resume")
-    return out
 
 
 def compute_dtype(config: ExperimentConfig):
@@ -97,12 +70,20 @@ def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
     kwargs = dict(task=HEADS[config.data.task], num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
     folder = spec.checkpoint_dir()
-    if folder is None:
-        return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
-    if spec.init == "random":  # the checkpoint's architecture, its weights left unread
-        return from_config(checkpoint_architecture(folder), seed=config.train.seed, **kwargs, **overrides)
-    return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
-                           ignore_mismatched_sizes=True, **kwargs)
+    try:
+        if folder is None:
+            return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+        if spec.init == "random":  # the checkpoint's architecture, its weights left unread
+            return from_config(checkpoint_architecture(folder), seed=config.train.seed, **kwargs, **overrides)
+        return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
+                               ignore_mismatched_sizes=True, **kwargs)
+    except ModelLoadError as err:
+        raise type(err)(f"{_model_key(config)}: {err}") from None
+
+
+def _model_key(config: ExperimentConfig) -> str:
+    """The config key that chose the model, for messages."""
+    return f"model.path={config.model.path!r}" if config.model.path else f"model.name={config.model.name!r}"
 
 
 def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
@@ -113,7 +94,11 @@ def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
         folder = config.model.tokenizer_dir()
         if folder is None:
             raise RunError(f"model {config.model.name!r} has no tokenizer folder; set model.tokenizer=PATH")
-        tokenizer = data_lib.load_tokenizer(folder)
+        try:
+            tokenizer = data_lib.load_tokenizer(folder)
+        except PeftError as err:
+            key = f"model.tokenizer={config.model.tokenizer!r}" if config.model.tokenizer else _model_key(config)
+            raise type(err)(f"{key}: {err}") from None
     return data_lib.load_data(config.data, tokenizer), tokenizer
 
 
@@ -143,14 +128,18 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def build_optimizer(config: ExperimentConfig, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+    config: ExperimentConfig, total_steps: int, *, adafactor: Callable = optax.adafactor
+) -> optax.GradientTransformation:
+    """``config.optim`` with its schedule and clipping. ``adafactor(lr)`` builds Adafactor
+    (the rank search's batched mode passes one that counts each member's own entries)."""
     o = config.optim
     lr = learning_rate_schedule(config, total_steps)
     make = {
         "adamw": lambda: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
         "adam": lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
         "sgd": lambda: optax.sgd(lr, momentum=o.momentum or None),
-        "adafactor": lambda: optax.adafactor(lr),
+        "adafactor": lambda: adafactor(lr),
         "lion": lambda: optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     }
     tx = make[o.name]()
@@ -170,7 +159,7 @@ def versions() -> dict[str, str]:
 
 
 def peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
@@ -286,20 +275,31 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, .
 
 
 def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True, fsdp: int = 1) -> dict[str, Any]:
-    """Train ``config`` to completion and return the result (also in result.json)."""
-    from tensorboardX import SummaryWriter
+    """Train ``config`` to completion and return the result (also in result.json).
+
+    With ``resume``, go on from the newest readable checkpoint in the output
+    folder, or start from scratch when it has none yet. The folder is locked
+    for the run. A SIGTERM or SIGINT stops the run after the current step with
+    a checkpoint, raising ``Preempted`` (see ``peftjax.train.preemption``).
+    """
+    out = writable_output_dir(config)
+    with OutputLock(out), StopSignals() as stop:
+        return _run(config, out, resume=start_point(out, config, resume=resume), progress=progress, fsdp=fsdp,
+                    stop=stop)
+
+
+def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress: bool, fsdp: int,
+         stop: StopSignals) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    out = check_output_dir(config, resume=resume)
     started = time.perf_counter()
     prep = prepare(config)
     loop = config.train
     mesh = make_mesh(fsdp=fsdp)
-    checkpointer = Checkpointer(out / "checkpoints", keep=loop.keep)
+    checkpointer = Checkpointer(out / CHECKPOINTS, keep=loop.keep)
     meta: dict[str, Any] = {}
     if resume:  # the saved state has the labels of the stage its last step trained in
-        saved_stage = prep.optimizer_at(checkpointer.latest_step() or 0)
-        state, meta = checkpointer.restore(TrainState.create(prep.model, saved_stage))
+        state, meta = checkpointer.restore(lambda step: TrainState.create(prep.model, prep.optimizer_at(step)))
     else:
         state = TrainState.create(prep.model, prep.optimizer)
     if progress:  # the counts at start-up, as a reader checks them before trusting a run
@@ -310,9 +310,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 
-    (out / "config.yaml").write_text(config.to_yaml())
-    log = (out / "metrics.jsonl").open("a")
-    writer = SummaryWriter(str(out / "tensorboard"))
+    log = RunLog(out, config, int(state.step))
     pending: list[tuple[int, jax.Array]] = []  # losses not yet checked on the host
     last_good = checkpointer.latest_step()
 
@@ -330,12 +328,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
             )
         pending.clear()
 
-    def log_line(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, record["step"])
+    log_line = log.write
 
     def evaluate_split(model: nnx.Module, split: str) -> dict[str, float]:
         return evaluate(model, prep.task.eval_loader(loop.eval_batch_size, split), prep.loss_fn, mesh)
@@ -391,18 +384,20 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
                 for strategy in prep.strategies:
                     strategy.on_eval(session, scores)
                 last = last or session.stop_reason is not None
-            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or last:
+            preempted = stop.requested(step)
+            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or last or preempted:
                 check_finite()
                 positions = {name: stream.position.to_dict() for name, stream in session.streams.items()}
-                extra = {"best": best, "streams": positions, "strategies": session.memory}
-                checkpointer.save(session.state, positions.pop(MAIN), extra)
+                extra = {"best": best, "streams": positions, "strategies": session.memory, "config": config.to_dict()}
+                saved = checkpointer.save(session.state, positions.pop(MAIN), extra)
                 last_good = step
+            if preempted:
+                raise Preempted(stop.signum, step, str(saved))
             if session.stop_reason is not None:
                 break
     finally:
         bar.close()
         log.close()
-        writer.close()
         checkpointer.close()
 
     state = session.state
@@ -429,5 +424,6 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
         "versions": versions(),
         **({"stopped": session.stop_reason} if session.stop_reason is not None else {}),
     }
-    _write_json_atomically(out / RESULT_FILE, result)
+    if jax.process_index() == 0:
+        _write_json_atomically(out / RESULT_FILE, result)
     return result

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from peftjax.core.inject import iter_wrappers
 from peftjax.core.paths import dotted
+from peftjax.errors import RunError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -33,7 +34,7 @@ def make_mesh(*, fsdp: int = 1, devices=None) -> Mesh:
     """A (data, fsdp) mesh over all devices: ``data = devices / fsdp``."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     if fsdp < 1 or devices.size % fsdp:
-        raise ValueError(f"fsdp={fsdp} must divide the number of devices ({devices.size})")
+        raise RunError(f"--fsdp {fsdp}: must divide the number of devices ({devices.size}: {devices.flat[0].platform})")
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES)
 
 
@@ -74,11 +75,21 @@ def parameter_specs(model: nnx.Module, mesh: Mesh) -> dict[str, PartitionSpec]:
 def place(tree, specs: dict[str, PartitionSpec], mesh: Mesh):
     """Every leaf of a state tree on ``mesh`` with its path's spec (replicated when it has none)."""
 
-    def put(path, leaf):
+    def put_leaf(path, leaf):
         spec = specs.get(dotted(path[:-1]) if path and getattr(path[-1], "name", None) == "value" else dotted(path))
-        return jax.device_put(leaf, NamedSharding(mesh, spec or PartitionSpec()))
+        return put(leaf, NamedSharding(mesh, spec or PartitionSpec()))
 
-    return jax.tree_util.tree_map_with_path(put, tree)
+    return jax.tree_util.tree_map_with_path(put_leaf, tree)
+
+
+def put(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``value`` (the same on every process) laid out with ``sharding``. With
+    several processes each one fills in the shards its own devices hold."""
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.jit(lambda x: x, out_shardings=sharding)(value)  # already global: reshard
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

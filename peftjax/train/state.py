@@ -31,7 +31,7 @@ from flax import nnx, struct
 from peftjax.core.batch_stats import is_fixed_statistic, training_view
 from peftjax.core.labels import PeftOptimizer, make_optimizer
 from peftjax.core.paths import dotted
-from peftjax.train.sharding import parameter_specs, place
+from peftjax.train.sharding import parameter_specs, place, put
 
 LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, dict]]
 
@@ -135,7 +135,7 @@ class TrainState:
         def on_mesh(fresh, old):
             # Moments inherit their parameter's layout; counters XLA left on one device are replicated.
             placed = isinstance(fresh.sharding, jax.sharding.NamedSharding) and fresh.sharding.mesh == mesh
-            return jax.device_put(old, fresh.sharding if placed else replicated)
+            return put(old, fresh.sharding if placed else replicated)
 
         restored = jax.tree.map(on_mesh, jax.jit(self.tx.init)(trainable), self.opt_state)
         return self.replace(
@@ -143,7 +143,7 @@ class TrainState:
             frozen=place(self.frozen, specs, mesh),
             rest=place(self.rest, {}, mesh),
             opt_state=restored,
-            step=jax.device_put(self.step, replicated),
+            step=put(self.step, replicated),
         )
 
 

@@ -1,10 +1,13 @@
-"""Without attention dropout the models run ``jax.nn.dot_product_attention``; it must be
-the function the explicit path (kept for attention dropout) computes.
+"""Without attention dropout the models run ``lean_backward.attention`` (a hand-written
+backward pass that keeps the probabilities, not the scores); it must be the function
+the explicit path (kept for attention dropout, differentiated by JAX) computes.
 
 Checked on the function (padding, a fully masked row, grouped-query heads, prefix keys
-beyond the query length with a causal offset) and through whole models with prefix
-tuning and padded batches, values and gradients; plus: dropout still reaches the
-probabilities, and XLA counts no more FLOPs for a LoRA step than before the switch.
+beyond the query length with a causal offset), and through whole models with prefix
+tuning and padded batches, values and gradients, against JAX's own differentiation of
+every lean backward pass at once (attention, GELU, LayerNorm on bert-tiny; attention,
+RMSNorm on llama-tiny); plus: dropout still reaches the probabilities. That XLA counts
+no more FLOPs for a LoRA step is in ``test_lean_backward.py``.
 """
 
 import jax
@@ -15,21 +18,13 @@ import pytest
 from flax import nnx
 
 import peftjax
-from peftjax import LoraConfig, PrefixTuningConfig
+from peftjax import PrefixTuningConfig
 from peftjax.models import common, from_config
 from peftjax.train.runner import loss_and_stats
 
 # Both paths do the same float32 operations in the same order; what XLA may still
 # reassociate (the softmax sums, the gradient reductions) stays at a few ulps.
 TOLERANCE = dict(rtol=2e-6, atol=2e-6)
-
-
-def explicit_everywhere(monkeypatch) -> None:
-    """Routes every model through the explicit path, as before the switch."""
-    monkeypatch.setattr(
-        common, "dot_product_attention",
-        lambda q, k, v, mask, *, dropout: common.explicit_attention(q, k, v, mask, dropout=dropout),
-    )  # fmt: skip
 
 
 def random_qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, seed=0):
@@ -102,33 +97,10 @@ def prefix_model_grads(preset: str, task: str):
 
 
 @pytest.mark.parametrize("preset, task", [("bert-tiny", "classification"), ("llama-tiny", "causal_lm")])
-def test_models_with_prefix_keys_and_padding_match_the_explicit_path(preset, task, monkeypatch):
+def test_models_with_prefix_keys_and_padding_match_jax_differentiation(preset, task, differentiated_by_jax):
     fused = prefix_model_grads(preset, task)
-    explicit_everywhere(monkeypatch)
+    differentiated_by_jax()
     explicit = prefix_model_grads(preset, task)
     np.testing.assert_allclose(fused[0], explicit[0], **TOLERANCE)
     for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(explicit[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def lora_step_flops() -> float:
-    state = jax.eval_shape(lambda: _lora_state())
-    batch = {name: jax.ShapeDtypeStruct((4, 32), jnp.int32) for name in ("input_ids", "attention_mask")}
-    batch["labels"] = jax.ShapeDtypeStruct((4,), jnp.int32)
-    loss = loss_and_stats("classification")
-    compiled = peftjax.make_train_step(lambda m, b: loss(m, b)).lower(state, batch).compile()
-    return float(compiled.cost_analysis()["flops"])
-
-
-def _lora_state() -> peftjax.TrainState:
-    model = from_config("bert-tiny", num_labels=2, seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    peftjax.apply(model, LoraConfig(rank=8, alpha=16.0, targets=("query", "value")))
-    model.train()
-    return peftjax.TrainState.create(model, peftjax.make_optimizer(model, optax.adamw(1e-4)))
-
-
-def test_lora_step_flops_do_not_rise(monkeypatch):
-    fused = lora_step_flops()
-    explicit_everywhere(monkeypatch)
-    explicit = lora_step_flops()
-    assert fused <= explicit, f"XLA counts {fused:,.0f} FLOPs with jax.nn.dot_product_attention, {explicit:,.0f} before"
