@@ -34,7 +34,12 @@ Labels, once per stage, on the host:
 * ``label_rules(model, stage)``: rules ahead of every method's
   (``peftjax.core.labels``), so a strategy can freeze an adapter or give a
   layer group its own label. ``stage`` counts this strategy's starts passed.
-* ``lr_multipliers(stage)``: ``{label: factor}`` (discriminative rates).
+* ``lr_multipliers(stage)``: ``{label: factor}`` for labels the rules give.
+* ``rate_groups(model, stage)``: ``(path regex, group name, factor)``: what
+  trains in a group does so under a label of its own, ``<label>@<group>``,
+  at ``factor`` times its label's rate (discriminative rates), with
+  optimizer state of its own that starts when the group starts training
+  (gradual unfreezing: Adam's step count starts there too).
 
 A parameter that starts training at a stage gets its optimizer state then,
 not before; a frozen one is bitwise unchanged (``TrainState.relabel``).
@@ -63,17 +68,16 @@ import optax
 from flax import nnx
 
 from peftjax.config import DataConfig
-from peftjax.core.labels import PeftOptimizer, make_optimizer
+from peftjax.core.labels import PeftOptimizer, RateGroup, make_optimizer
+from peftjax.core.layer_groups import STRATEGY_MODULES
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
+from peftjax.plugins import load_entry_points
 from peftjax.methods.base import LabelRule
 from peftjax.models.common import ModelOutput
 from peftjax.schema import ConfigError, Section
 from peftjax.train.session import MAIN, Run, RunInfo
 from peftjax.train.tasks import LogitsLoss, logits_loss, model_output, pooled_features
-
-# The attribute of the model's root module that holds the strategies' own modules.
-STRATEGY_MODULES = "training_strategies"
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -92,6 +96,8 @@ def strategy_from_dict(data: Mapping[str, Any]) -> Strategy:
     whose key is relative to the entry (``layers``, ``type``)."""
     fields = dict(data)
     name = fields.pop("type", None)
+    if name not in _REGISTRY:
+        load_entry_points()  # an installed plugin's strategy
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -126,6 +132,9 @@ class Strategy(Section):
     def lr_multipliers(self, stage: int) -> Mapping[str, float]:
         return {}
 
+    def rate_groups(self, model: nnx.Module, stage: int) -> list[RateGroup]:
+        return []
+
     def loss(self, ctx: StepContext) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]] | None:
         return None
 
@@ -150,11 +159,16 @@ class StepContext:
     term may write non-parameter Variables that the next step sees.
     ``batches`` holds one batch per stream (``train`` and the strategies'
     streams). The model runs once per stream per step, when first asked.
+    ``info`` is the run's :class:`RunInfo` (None outside a run): a term on a
+    schedule over the run divides a step counter of its module by
+    ``info.total_steps``.
     """
 
-    def __init__(self, model: nnx.Module, batches: Mapping[str, Any], task_loss: LogitsLoss) -> None:
+    def __init__(self, model: nnx.Module, batches: Mapping[str, Any], task_loss: LogitsLoss,
+                 info: RunInfo | None = None) -> None:
         self.model = model
         self.batches = batches
+        self.info = info
         self._task_loss = task_loss
         self._outputs: dict[str, ModelOutput] = {}
 
@@ -177,14 +191,14 @@ class StepContext:
         return getattr(self.model, STRATEGY_MODULES)[strategy.strategy]
 
 
-def step_loss(task: str, strategies: Sequence[Strategy]):
+def step_loss(task: str, strategies: Sequence[Strategy], info: RunInfo | None = None):
     """``f(model, batches) -> (loss, stats)``: the task's loss on the main stream
     plus every strategy's term; ``stats["terms"]`` holds the terms' values and
     metrics by strategy when there are any."""
     task_loss = logits_loss(task)
 
     def loss(model: nnx.Module, batches: Mapping[str, Any]):
-        ctx = StepContext(model, batches, task_loss)
+        ctx = StepContext(model, batches, task_loss, info)
         total, stats = ctx.task_loss()
         terms = {}
         for strategy in strategies:
@@ -249,11 +263,12 @@ def stage_optimizer(
     info: RunInfo,
 ) -> PeftOptimizer:
     """The optimizer of one stage: ``tx`` partitioned by the labels the methods and
-    the strategies' rules give (strategies' first), with their multipliers, then
-    wrapped by each strategy's ``optimizer`` hook."""
+    the strategies' rules give (strategies' first), split by their rate groups,
+    with their multipliers, then wrapped by each strategy's ``optimizer`` hook."""
     rules = [rule for strategy, stage in zip(strategies, stages) for rule in strategy.label_rules(model, stage)]
     multipliers = {k: v for s, stage in zip(strategies, stages) for k, v in s.lr_multipliers(stage).items()}
-    optimizer = make_optimizer(model, tx, overrides=rules, lr_multipliers=multipliers or None)
+    groups = [group for strategy, stage in zip(strategies, stages) for group in strategy.rate_groups(model, stage)]
+    optimizer = make_optimizer(model, tx, overrides=rules, lr_multipliers=multipliers or None, rate_groups=groups)
     for strategy in strategies:
         optimizer = optimizer.carrying(strategy.optimizer(optimizer, info))
     if strategies and not optimizer.trainable_paths:

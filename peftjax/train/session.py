@@ -32,18 +32,23 @@ class RunInfo:
 
     ``total_steps`` and ``steps_per_epoch`` count optimizer updates (after
     gradient accumulation) of the main stream; ``batch_size`` is the number of
-    examples one update sees from each stream.
+    examples one update sees from each stream. ``model`` is the model as the
+    run builds it, before its first step (methods applied, strategies'
+    modules attached): its structure, e.g. its layer groups.
     """
 
     config: ExperimentConfig
     total_steps: int
     steps_per_epoch: int
     batch_size: int
+    model: nnx.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Stream:
     """One named stream of training batches: shuffled by (seed, epoch), the last
-    partial batch of an epoch dropped, at a position checkpoints save."""
+    partial batch of an epoch dropped, at a position checkpoints save.
+    ``examples`` are what it batches now; ``loaded`` the examples as the data
+    section gave them, whatever ``replace_examples`` did since."""
 
     def __init__(
         self,
@@ -57,7 +62,7 @@ class Stream:
     ) -> None:
         self.name = name
         self._batching = dict(batch_size=batch_size, seed=seed, group_by_length=group_by_length)
-        self.examples = examples
+        self.examples = self.loaded = examples
         self.loader = BatchLoader.for_training(examples, **self._batching)
         self._batches = self.loader.iterate(position)
 

@@ -10,23 +10,18 @@ are weighted so each example counts once.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from peftjax.data import IGNORE_INDEX, BatchLoader
+from peftjax.data import IGNORE_INDEX, BatchLoader, ImageExamples, TextExamples
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
-
-# The model head each data task trains (``task=`` of ``peftjax.models.from_config``).
-HEADS = {
-    "classification": "sequence-classification",
-    "causal_lm": "causal-lm",
-    "image_classification": "image-classification",
-}
 
 Batch = dict[str, jax.Array]
 # (logits, batch) -> (mean loss, {"loss_sum", "correct", "count"})
@@ -107,7 +102,9 @@ def loss_and_stats(task: str) -> Callable:
 
 def evaluate(model: nnx.Module, loader: BatchLoader, loss_fn: Callable, mesh) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` in eval mode over one pass of ``loader``
-    (each example counted once)."""
+    (each example counted once). For a language model the accuracy is next-token
+    accuracy, the loss the mean over predicted tokens, and ``perplexity`` is
+    ``exp(loss)``."""
     model.eval()
     graphdef, params = nnx.split(model)
     evaluate_batch = _evaluator(loss_fn)
@@ -116,7 +113,10 @@ def evaluate(model: nnx.Module, loader: BatchLoader, loss_fn: Callable, mesh) ->
         stats = evaluate_batch(graphdef, params, global_batch(batch, mesh))
         for key in totals:
             totals[key] += float(stats[key])
-    return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+    scores = {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+    if getattr(loader.examples, "is_causal_lm", False):
+        scores["perplexity"] = math.exp(scores["loss"]) if scores["loss"] < 700 else math.inf  # exp overflows past ~709
+    return scores
 
 
 _EVALUATORS: dict[Callable, Callable] = {}
@@ -131,3 +131,27 @@ def _evaluator(loss_fn: Callable) -> Callable:
 
         _EVALUATORS[loss_fn] = jax.jit(evaluate_batch, static_argnums=0)
     return _EVALUATORS[loss_fn]
+
+
+@jax.jit(static_argnums=0)
+def _features_and_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    output = model_output(nnx.merge(graphdef, state), batch)
+    return pooled_features(output, batch), output.logits
+
+
+def features_and_logits(
+    model: nnx.Module, examples: TextExamples | ImageExamples, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features (N, hidden) and logits (N, ...) of every example, in order,
+    with ``model`` in eval mode (logits None for a model without a head); one
+    program per batch shape."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    loader = BatchLoader.for_evaluation(examples, batch_size)
+    features, logits = [], []
+    for indices in loader.epoch_plan(0):
+        batch_features, batch_logits = _features_and_logits(graphdef, state, loader.batch(indices))
+        features.append(np.asarray(batch_features[: len(indices)], np.float32))
+        if batch_logits is not None:
+            logits.append(np.asarray(batch_logits[: len(indices)], np.float32))
+    return np.concatenate(features), np.concatenate(logits) if logits else None
