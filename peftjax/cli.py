@@ -1,5 +1,6 @@
 """The ``peftjax`` command: ``train``, ``eval``, ``rank-search``, ``bench``,
-``convert-adapter`` and ``combine-adapters``."""
+``convert-adapter``, ``combine-adapters`` and the transfer commands
+(``similarity``, ``advise``, ``few-shot``, ``negative-transfer``)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,9 @@ import warnings
 
 
 def _load(path: str, overrides: list[str]):
-    from peftjax.config import load_config
-    from peftjax.data import check_data_files
-    from peftjax.methods.base import config_from_dict
-    from peftjax.strategies import strategy_from_dict
+    from peftjax.train.runner import load_experiment  # lazy: `peftjax --help` does not import jax
 
-    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
-    check_data_files(config.data)
-    return config
+    return load_experiment(path, overrides)
 
 
 def _train(args) -> int:
@@ -219,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
     combine.add_argument("--format", choices=("peft", "peftjax"), default="peft")
     combine.set_defaults(handler=_combine_adapters)
+
+    from peftjax.transfer.cli import register as register_transfer_commands
+
+    register_transfer_commands(commands)
     return parser
 
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from peftjax.data import IGNORE_INDEX, BatchLoader
+from peftjax.data import IGNORE_INDEX, BatchLoader, ImageExamples, TextExamples
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
 
@@ -131,3 +132,27 @@ def _evaluator(loss_fn: Callable) -> Callable:
 
         _EVALUATORS[loss_fn] = jax.jit(evaluate_batch, static_argnums=0)
     return _EVALUATORS[loss_fn]
+
+
+@jax.jit(static_argnums=0)
+def _features_and_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    output = model_output(nnx.merge(graphdef, state), batch)
+    return pooled_features(output, batch), output.logits
+
+
+def features_and_logits(
+    model: nnx.Module, examples: TextExamples | ImageExamples, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features (N, hidden) and logits (N, ...) of every example, in order,
+    with ``model`` in eval mode (logits None for a model without a head); one
+    program per batch shape."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    loader = BatchLoader.for_evaluation(examples, batch_size)
+    features, logits = [], []
+    for indices in loader.epoch_plan(0):
+        batch_features, batch_logits = _features_and_logits(graphdef, state, loader.batch(indices))
+        features.append(np.asarray(batch_features[: len(indices)], np.float32))
+        if batch_logits is not None:
+            logits.append(np.asarray(batch_logits[: len(indices)], np.float32))
+    return np.concatenate(features), np.concatenate(logits) if logits else None
