@@ -124,14 +124,23 @@ class Trainer:
         self.step = peftjax.make_train_step(loss_and_stats("image_classification"))
         self.templates: dict[str, peftjax.TrainState] = {}
 
-    def fit(self, key: str, model: nnx.Module, optimizer, x: np.ndarray, y: np.ndarray, steps: int, seed: int):
+    def state(self, key: str, model: nnx.Module, optimizer) -> peftjax.TrainState:
+        """A train state whose static part is the first one of ``key``'s, so a compiled step takes it."""
         state = peftjax.TrainState.create(model, optimizer)
         if key in self.templates:
-            state = state.replace(static=self.templates[key].static)
-        else:
-            self.templates[key] = state
+            return state.replace(static=self.templates[key].static)
+        self.templates[key] = state
+        return state
+
+    @staticmethod
+    def order(count: int, steps: int, seed: int) -> np.ndarray:
+        """The example order of ``steps`` batches: seeded reshuffles of ``count`` examples, end to end."""
         rng = np.random.default_rng((seed, 7))
-        order = np.concatenate([rng.permutation(len(y)) for _ in range(steps * BATCH // len(y) + 1)])
+        return np.concatenate([rng.permutation(count) for _ in range(steps * BATCH // count + 1)])
+
+    def fit(self, key: str, model: nnx.Module, optimizer, x: np.ndarray, y: np.ndarray, steps: int, seed: int):
+        state = self.state(key, model, optimizer)
+        order = self.order(len(y), steps, seed)
         ones = jnp.ones(BATCH, jnp.float32)
         for i in range(steps):
             rows = order[i * BATCH:(i + 1) * BATCH]
