@@ -94,8 +94,9 @@ def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        hints = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
-        raise PeftError(f"{cls.__name__} has no field(s) {unknown} (close: {hints}); fields: {sorted(fields)}")
+        close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        hints = "".join(f" {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise PeftError(f"{cls.__name__} has no field(s) {unknown}.{hints} Its fields: {sorted(fields)}")
     return cls(**data)
 
 
@@ -206,11 +207,17 @@ class MethodConfig:
         """Per-label learning-rate multipliers this method asks for (LoRA+)."""
         return {}
 
+    def wrap_optimizer(self, tx, model: nnx.Module, adapter_name: str, labels: Mapping[str, str]):
+        """The optimizer of the whole trainable tree, ``tx`` (an optax transformation,
+        labels already applied), wrapped with what the method does during training
+        (AdaLoRA's rank allocator); ``labels`` maps parameter paths to labels. By default ``tx``."""
+        return tx
+
     def to_dict(self) -> dict[str, Any]:
         data = {"type": self.method}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            data[f.name] = list(value) if isinstance(value, tuple) else value
+            data[f.name] = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping) else value
         return data
 
     def to_json(self) -> str:

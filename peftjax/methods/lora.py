@@ -23,6 +23,13 @@ at zero while B starts standard normal (HF PEFT's choice, after the LoRA
 reference code), and dropout does not apply; on a convolution, A convolves
 with the base layer's window and B is 1x1.
 
+Per-module ranks and alphas: ``rank_pattern`` / ``alpha_pattern`` map a
+regex to a rank / alpha, as HF PEFT's fields of the same names: a module takes
+the first key that ``re.match(rf"(.*\\.)?({key})$", path)`` accepts (the key
+matches the path or a dot-separated tail of it), else ``rank`` / ``alpha``, and
+its scale is its own alpha / r (alpha / sqrt(r) with rsLoRA). A key that
+matches no adapted module is an error (HF PEFT warns and ignores it).
+
 HF PEFT's format: ``peft_type`` LORA; A and B are ``lora_A.weight`` /
 ``lora_B.weight`` in torch's (out, in[, window]) order, or
 ``lora_embedding_A`` / ``lora_embedding_B`` on a table.
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -41,7 +50,9 @@ from flax import nnx
 from peftjax.core.kernels import SUPPORTED_LAYERS
 from peftjax.core.layouts import low_rank_layout
 from peftjax.errors import PeftError
+from peftjax.core.paths import dotted
 from peftjax.methods.base import AdapterWrapper, HfTensor, LabelRule, MethodConfig, register_method, registered_methods
+from peftjax.schema import FrozenDict
 from peftjax.variables import AdapterParam
 
 # The label of B's parameters under LoRA+ (see LoraConfig.loraplus_lr_ratio).
@@ -74,6 +85,9 @@ class LoraConfig(MethodConfig):
       loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper's lambda;
         16 is its usual choice). ``None`` trains A and B alike. Every LoraB in
         the model takes the ratio, so two stacked LoRA+ adapters must agree.
+      rank_pattern: ``{regex: rank}`` for modules whose rank is not ``rank``
+        (HF PEFT's field: see the module docstring for the matching).
+      alpha_pattern: ``{regex: alpha}`` for modules whose alpha is not ``alpha``.
     """
 
     target_types = (*SUPPORTED_LAYERS, nnx.Embed, nnx.Conv)
@@ -89,11 +103,23 @@ class LoraConfig(MethodConfig):
     rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     loraplus_lr_ratio: float | None = None
+    rank_pattern: Mapping[str, int] = FrozenDict()
+    alpha_pattern: Mapping[str, float] = FrozenDict()
 
     def __post_init__(self):
         super().__post_init__()
         self.check(isinstance(self.rank, int) and self.rank > 0, "rank", "must be a positive integer")
         self.check(self.alpha > 0, "alpha", "must be > 0")
+        for field, valid, requirement in (
+            ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive integers"),
+            ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "> 0"),
+        ):
+            pattern = getattr(self, field)
+            self.check(isinstance(pattern, Mapping), field, "must be a mapping {module regex: value}")
+            for key, value in pattern.items():
+                self.check(isinstance(key, str) and _compiles(key), field, f"key {key!r} is not a valid regex")
+                self.check(valid(value), field, f"values must be {requirement}; {key!r} has {value!r}")
+            self._set(field, FrozenDict(pattern))
         self.check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         self.check(self.init in ("kaiming", "gaussian"), "init", "must be 'kaiming' or 'gaussian'")
         self.check(
@@ -104,15 +130,41 @@ class LoraConfig(MethodConfig):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    def for_module(self, path: str) -> LoraConfig:
+        """This config with the rank and alpha that ``rank_pattern`` / ``alpha_pattern`` give ``path``."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        rank, alpha = _pattern_value(self.rank_pattern, path), _pattern_value(self.alpha_pattern, path)
+        return dataclasses.replace(self, rank=self.rank if rank is None else rank,
+                                   alpha=self.alpha if alpha is None else float(alpha),
+                                   rank_pattern=FrozenDict(), alpha_pattern=FrozenDict())
+
     def wrap(self, module, *, adapter_name, rngs):
         layer = module.base_layer if isinstance(module, AdapterWrapper) else module
         wrapper = LoraEmbed if isinstance(layer, nnx.Embed) else LoraLinear
         return wrapper(module, self, adapter_name=adapter_name, rngs=rngs)
 
+    def wrap_all(self, modules, *, model, adapter_name, rngs):
+        if not self.rank_pattern and not self.alpha_pattern:
+            return super().wrap_all(modules, model=model, adapter_name=adapter_name, rngs=rngs)
+        path_of = {id(m): dotted(p) for p, m in nnx.iter_modules(model)}
+        paths = [path_of[id(m)] for m in modules]
+        for field in ("rank_pattern", "alpha_pattern"):
+            unused = [k for k in getattr(self, field) if not any(_pattern_matches(k, p) for p in paths)]
+            if unused:
+                raise PeftError(
+                    f"{type(self).__name__}.{field} keys {unused} match none of the {len(paths)} adapted modules "
+                    f"(a key must match a module path or a dot-separated tail of it, e.g. {paths[0]!r}); fix or "
+                    "remove them"
+                )
+        return [self.for_module(path).wrap(m, adapter_name=adapter_name, rngs=rngs) for path, m in zip(paths, modules)]
+
     def to_hf(self, names):
         init = True if self.init == "kaiming" else "gaussian"
         return dict(peft_type="LORA", r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                    use_rslora=self.rslora, use_dora=False, init_lora_weights=init)
+                    use_rslora=self.rslora, use_dora=False, init_lora_weights=init,
+                    rank_pattern=_patterns_to_hf(self.rank_pattern, names),
+                    alpha_pattern=_patterns_to_hf(self.alpha_pattern, names))
 
     @classmethod
     def from_hf(cls, fields, names, **common):
@@ -127,7 +179,9 @@ class LoraConfig(MethodConfig):
         config_cls = registered_methods()["dora"] if fields.pop("use_dora", False) else cls  # DoRA is a LoRA flag there
         return config_cls(
             rank=fields.pop("r", 8), alpha=float(fields.pop("lora_alpha", 8)), dropout=fields.pop("lora_dropout", 0.0),
-            rslora=fields.pop("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming", **common
+            rslora=fields.pop("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming",
+            rank_pattern=_patterns_from_hf(fields.pop("rank_pattern", None), names),
+            alpha_pattern=_patterns_from_hf(fields.pop("alpha_pattern", None), names), **common
         )
 
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
@@ -138,6 +192,50 @@ class LoraConfig(MethodConfig):
 
     def lr_multipliers(self) -> dict[str, float]:
         return {} if self.loraplus_lr_ratio is None else {LORAPLUS_B_LABEL: self.loraplus_lr_ratio}
+
+
+def _compiles(key: str) -> bool:
+    try:
+        re.compile(key)
+    except re.error:
+        return False
+    return True
+
+
+def _pattern_matches(key: str, path: str) -> bool:
+    """HF PEFT's ``get_pattern_key`` test: ``key`` matches the path or a dot-separated tail of it."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
+def _pattern_value(pattern: Mapping[str, float], path: str):
+    """The value of the first key of ``pattern`` that matches ``path`` (HF PEFT's order), or None."""
+    return next((value for key, value in pattern.items() if _pattern_matches(key, path)), None)
+
+
+def _patterns_to_hf(pattern: Mapping[str, float], names) -> dict[str, float]:
+    """A pattern for HF PEFT, whose keys match transformers' module paths: as it is when
+    those are ours, else each key spelled out as the transformers paths it matches."""
+    if not names.renames:
+        return dict(pattern)
+    found = {}
+    for key, value in pattern.items():
+        for path in names.paths:
+            if _pattern_matches(key, path):
+                found.setdefault(re.escape(names.path(path)), value)
+    return found
+
+
+def _patterns_from_hf(pattern: Mapping[str, float] | None, names) -> FrozenDict:
+    if not pattern:
+        return FrozenDict()
+    if not names.renames:
+        return FrozenDict(pattern)
+    found = {}
+    for key, value in pattern.items():
+        for path in names.paths:
+            if _pattern_matches(key, names.path(path)):
+                found.setdefault(re.escape(path), value)
+    return FrozenDict(found)
 
 
 def init_down_projection(config: LoraConfig, shape: tuple[int, ...], fan_in: int, key: jax.Array) -> jax.Array:

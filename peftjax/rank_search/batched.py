@@ -28,12 +28,22 @@ Each member is *exactly* a rank-r LoRA:
   true of every optimizer ``runner.build_optimizer`` makes (adam, adamw, sgd
   and lion scale by the scheduled rate last; adafactor as built there has no
   weight decay after its rate), not of an optimizer whose state or decay
-  sees the rate (adafactor with ``weight_decay_rate``, say).
+  sees the rate (adafactor with ``weight_decay_rate``, say);
+* an optimizer that reduces over a whole array must count only the member's
+  own entries. Adam, AdamW, SGD and Lion act entry by entry, and a global-norm
+  clip sums squares, to which zeros add nothing. Adafactor's block RMS
+  (``clip_by_block_rms``, ``scale_by_param_block_rms``) is a *mean* over the
+  array, which the zero padding shrinks by sqrt(r/R): ``member_adafactor`` is
+  ``optax.adafactor`` with those two means taken over the member's r rank slots
+  (``MemberRank`` holds r). Its factored second moment, used for arrays with
+  two axes of at least 128, would average over the padding too; a batched
+  Adafactor sweep with such ranks is refused (``rank_search.config``).
 
 ``tests/rank_search/test_batched.py`` checks that K=4 members trained for 20
 steps equal four separate ``TrainState``/``make_train_step`` runs within 1e-5,
-and that the compiled step's argument bytes grow with K by exactly the
-per-member state, never by the base.
+that K=2 members equal their separate runs under every optimizer of
+``OptimConfig`` with clipping, and that the compiled step's argument bytes grow
+with K by exactly the per-member state, never by the base.
 """
 
 from __future__ import annotations
@@ -188,6 +198,91 @@ def with_member_learning_rate(optimizer: PeftOptimizer) -> PeftOptimizer:
 
 
 # ----------------------------------------------------------------------------
+# Block RMS over a member's own entries (Adafactor).
+# ----------------------------------------------------------------------------
+
+# The rank axis of a MaskedLoraLinear's factors, by attribute name: A is (in..., R), B is (R, out...).
+_RANK_AXES = {"lora_a": -1, "lora_b": 0}
+# optax.adafactor's defaults, which runner.build_optimizer uses.
+_ADAFACTOR_CLIP = 1.0
+_ADAFACTOR_MIN_SCALE = 1e-3
+ADAFACTOR_MIN_DIM_TO_FACTOR = 128
+
+
+class MemberRank(NamedTuple):
+    """A member's rank r, for transformations that count only its own entries.
+    Infinite (every entry is the member's own) until ``build_batched_state`` sets it."""
+
+    member_rank: jax.Array
+
+
+def _own_entries(path, leaf: jax.Array, rank: jax.Array) -> jax.Array:
+    """How many of ``leaf``'s entries are the member's: all, or r of the R rank slots."""
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+    axis = _RANK_AXES.get(names[-1]) if names else None
+    if axis is None:
+        return jnp.asarray(leaf.size, jnp.float32)
+    slots = leaf.shape[axis]
+    return jnp.minimum(rank, slots) * (leaf.size // slots)
+
+
+def _own_rms(path, x: jax.Array, rank: jax.Array) -> jax.Array:
+    """sqrt(sum(x^2) / own entries): the padding is zero, so only the count differs from a mean."""
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))) / _own_entries(path, x, rank))
+
+
+def _member_rank_transform(update_leaf) -> optax.GradientTransformation:
+    def init(params) -> MemberRank:
+        del params
+        return MemberRank(jnp.asarray(jnp.inf, jnp.float32))
+
+    def update(updates, state, params=None):
+        return update_leaf(updates, params, state.member_rank), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def clip_by_member_block_rms(threshold: float) -> optax.GradientTransformation:
+    """``optax.clip_by_block_rms`` with each array's RMS over the member's own entries."""
+
+    def clip(updates, params, rank):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: u / jnp.maximum(1.0, _own_rms(p, u, rank) / threshold).astype(u.dtype), updates)
+
+    return _member_rank_transform(clip)
+
+
+def scale_by_member_param_block_rms(min_scale: float = _ADAFACTOR_MIN_SCALE) -> optax.GradientTransformation:
+    """``optax.scale_by_param_block_rms`` with each parameter's RMS over the member's own entries."""
+
+    def scale(updates, params, rank):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u, w: u * jnp.maximum(_own_rms(p, w, rank), min_scale).astype(u.dtype), updates, params)
+
+    return _member_rank_transform(scale)
+
+
+def member_adafactor(learning_rate) -> optax.GradientTransformation:
+    """``optax.adafactor(learning_rate)`` (its defaults, as ``runner.build_optimizer``
+    builds it) with both block RMS taken over a member's own entries."""
+    return optax.chain(
+        optax.scale_by_factored_rms(min_dim_size_to_factor=ADAFACTOR_MIN_DIM_TO_FACTOR),
+        clip_by_member_block_rms(_ADAFACTOR_CLIP),
+        optax.scale_by_learning_rate(learning_rate, flip_sign=False),
+        scale_by_member_param_block_rms(),
+        optax.scale(-1.0),
+    )
+
+
+def set_member_rank(opt_state, rank: int):
+    """``opt_state`` with every ``MemberRank`` set to ``rank`` (unchanged for optimizers without one)."""
+    if not optax.tree_utils.tree_get_all_with_path(opt_state, "member_rank"):
+        return opt_state
+    return optax.tree_utils.tree_set(opt_state, member_rank=jnp.asarray(rank, jnp.float32))
+
+
+# ----------------------------------------------------------------------------
 # The stacked state.
 # ----------------------------------------------------------------------------
 
@@ -331,6 +426,7 @@ def build_batched_state(
         trainables.append(trainable)
         rests.append(_filled(rest_template, own_rest))
         inner, _ = optimizer.init(trainable)
+        inner = set_member_rank(inner, member.rank)
         opt_states.append((inner, MemberLearningRate(jnp.asarray(member.learning_rate, jnp.float32))))
     for wrapper in masked:  # the model itself stays a full-rank member with scale of rank R
         wrapper.scale[...] = jnp.asarray(dataclasses.replace(template, rank=padded_rank).scale, jnp.float32)

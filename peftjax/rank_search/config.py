@@ -9,11 +9,23 @@ train``, with exactly one LoRA method: the template) plus::
       seeds: [0, 1, 2]
       learning_rates: null               # null: optim.learning_rate for every point;
                                          # [3e-4, 1e-3]: tuned, best on select_metric;
-                                         # {1: 3e-3, 64: 5e-4}: one per rank
+                                         # {1: 3e-3, 64: 5e-4}: one per rank;
+                                         # {qv: 2e-3, all-linear: 1e-3}: one per target set
       metric: test_accuracy
       select_metric: eval_accuracy       # picks the learning rate when several are tried
       mode: batched                      # or sequential
       max_members: null                  # cap on ranks x rates trained in one program
+      searches: [grid]                   # and dylora, adalora, pilot: one comparison
+      dylora: {max_rank: null}           # null: the largest swept rank
+      adalora: {init_rank: 12, target_rank: 8}   # AdaLoraConfig fields but targets and total_steps
+      pilot: {rank: 64, mean_rank: 8}    # allocate mean_rank x modules from a rank-64 pilot
+
+``searches`` other than ``grid`` (``peftjax.rank_search.searches``) train, per
+target set and seed, on the same data, steps, optimizer and rates as the grid:
+``dylora`` one LoRA at ``max_rank`` from which every swept rank up to it is
+evaluated; ``adalora`` one AdaLoRA run; ``pilot`` a LoRA whose per-module
+ranks come from the spectra of a rank-``rank`` pilot (the grid's point at that
+rank when the grid has it).
 
 Named target sets map to module names per model family (``qv`` is
 query/value on BERT, q_proj/v_proj on Llama), so one sweep file reads the same
@@ -46,6 +58,7 @@ from peftjax.data import check_data_files
 from peftjax.errors import PeftError
 from peftjax.methods.base import config_from_dict
 from peftjax.methods.lora import LoraConfig
+from peftjax.rank_search.batched import ADAFACTOR_MIN_DIM_TO_FACTOR
 
 SWEEP_KEY = "sweep"
 MODES = ("batched", "sequential")
@@ -83,7 +96,7 @@ TARGET_SETS: dict[str, dict[str, Targets]] = {
 _FALLBACK_SETS: dict[str, Targets] = {ALL_LINEAR: ALL_LINEAR}
 
 # What a run reports per split, and which way is better.
-METRIC_KINDS = {"accuracy": True, "loss": False}
+METRIC_KINDS = {"accuracy": True, "loss": False, "perplexity": False}  # perplexity: language models only
 
 
 class SweepError(ConfigError):
@@ -142,6 +155,78 @@ def _target_set(entry: Any, index: int) -> TargetSet:
     )
 
 
+SEARCHES = ("grid", "dylora", "adalora", "pilot")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DyLoraSearch:
+    """DyLoRA: one LoRA at ``max_rank`` (null: the largest swept rank) trained on truncations
+    to b, drawn each step uniformly from ``min_rank``..``max_rank``."""
+
+    max_rank: int | None = None
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_rank is not None and not _positive_int(self.max_rank):
+            raise SweepError(f"must be a positive integer (the largest rank trained), got {self.max_rank!r}",
+                             "sweep.dylora.max_rank")
+        if not _positive_int(self.min_rank) or (self.max_rank is not None and self.min_rank > self.max_rank):
+            raise SweepError(f"must be a positive integer at most max_rank, got {self.min_rank!r}",
+                             "sweep.dylora.min_rank")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PilotSearch:
+    """Per-module ranks from a pilot: ``mean_rank`` x modules allocated by the pilot's
+    Delta W spectra (``peftjax.rank_search.allocation``), from a rank-``rank`` pilot."""
+
+    rank: int = 64
+    mean_rank: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not _positive_int(self.rank):
+            raise SweepError(f"must be a positive integer, got {self.rank!r}", "sweep.pilot.rank")
+        if not isinstance(self.mean_rank, (int, float)) or isinstance(self.mean_rank, bool) or not (
+            1 <= self.mean_rank <= self.rank
+        ):
+            raise SweepError(f"must be a number from 1 to pilot.rank={self.rank} (every module keeps at least rank "
+                             f"1 and at most the pilot's), got {self.mean_rank!r}", "sweep.pilot.mean_rank")
+
+
+def _sub_config(cls, data: Any, key: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise SweepError(f"must be a mapping, got {type(data).__name__}", key)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise SweepError(f"unknown key(s) {unknown}; valid keys: {fields}", key)
+    return cls(**data)
+
+
+def adalora_spec(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``sweep.adalora`` checked by building an AdaLoraConfig from it (total_steps and
+    targets come from the run and the target set)."""
+    from peftjax.methods.adalora import AdaLoraConfig
+
+    spec = dict(data or {})
+    fixed = sorted(set(spec) & {"targets", "total_steps", "type"})
+    if fixed:
+        raise SweepError(f"{fixed} come from the target sets and the run's length; remove them", "sweep.adalora")
+    try:
+        AdaLoraConfig(targets=("probe",), total_steps=10**6, **spec)
+    except TypeError as err:
+        raise SweepError(f"{err}; its keys are AdaLoraConfig's fields", "sweep.adalora") from None
+    except PeftError as err:
+        raise SweepError(str(err), "sweep.adalora") from None
+    return spec
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """What the rank search varies and how it is judged (see the module docstring)."""
@@ -154,6 +239,10 @@ class SweepConfig:
     select_metric: str = "eval_accuracy"
     mode: Literal["batched", "sequential"] = "batched"
     max_members: int | None = None
+    searches: tuple[str, ...] = ("grid",)
+    dylora: DyLoraSearch = DyLoraSearch()
+    adalora: Mapping[str, Any] | None = None
+    pilot: PilotSearch = PilotSearch()
 
     def __post_init__(self) -> None:
         ranks = self.ranks
@@ -180,13 +269,35 @@ class SweepConfig:
             raise SweepError(f"{self.mode!r} is not a mode; use one of {list(MODES)}", "sweep.mode")
         if self.max_members is not None and (not isinstance(self.max_members, int) or self.max_members < 1):
             raise SweepError(f"must be a positive integer or null, got {self.max_members!r}", "sweep.max_members")
+        searches = self.searches
+        if isinstance(searches, str) or not searches or any(s not in SEARCHES for s in searches):
+            raise SweepError(f"must list searches among {list(SEARCHES)}, got {searches!r}", "sweep.searches")
+        if len(set(searches)) != len(searches):
+            raise SweepError(f"{list(searches)} lists a search twice", "sweep.searches")
+        object.__setattr__(self, "searches", tuple(searches))
+        object.__setattr__(self, "adalora", adalora_spec(self.adalora))
+        if self.dylora.max_rank is None:
+            object.__setattr__(self, "dylora", dataclasses.replace(self.dylora, max_rank=max(self.ranks)))
+        if "dylora" in self.searches and self.dylora.max_rank < min(self.ranks):
+            raise SweepError(f"{self.dylora.max_rank} is below every swept rank {list(self.ranks)}: DyLoRA would "
+                             "evaluate no rank", "sweep.dylora.max_rank")
 
     def _check_learning_rates(self) -> None:
         rates = self.learning_rates
         if rates is None:
             return
         key = "sweep.learning_rates"
-        if isinstance(rates, Mapping):
+        if isinstance(rates, Mapping) and rates and all(isinstance(k, str) and not k.isdigit() for k in rates):
+            names = [t.name for t in self.target_sets]
+            if sorted(rates) != sorted(names):
+                raise SweepError(f"a per-target-set mapping needs exactly the target sets {names}, got "
+                                 f"{sorted(rates)}", key)
+            try:
+                values = [float(lr) for lr in rates.values()]
+            except (TypeError, ValueError):
+                raise SweepError(f"a per-target-set mapping needs numeric rates, got {dict(rates)!r}", key) from None
+            object.__setattr__(self, "learning_rates", {name: float(rates[name]) for name in names})
+        elif isinstance(rates, Mapping):
             try:
                 rates = {int(rank): float(lr) for rank, lr in rates.items()}
             except (TypeError, ValueError):
@@ -236,6 +347,12 @@ class SweepConfig:
                 values[key] = [values[key]]
             if key in values and isinstance(values[key], list):
                 values[key] = tuple(values[key])
+        if "dylora" in values:
+            values["dylora"] = _sub_config(DyLoraSearch, values["dylora"], "sweep.dylora")
+        if "pilot" in values:
+            values["pilot"] = _sub_config(PilotSearch, values["pilot"], "sweep.pilot")
+        if isinstance(values.get("searches"), list):
+            values["searches"] = tuple(values["searches"])
         if "target_sets" in values:
             sets = values["target_sets"]
             sets = [sets] if isinstance(sets, (str, Mapping)) else list(sets or ())
@@ -255,6 +372,11 @@ class SweepConfig:
             "select_metric": self.select_metric,
             "mode": self.mode,
             "max_members": self.max_members,
+            "searches": list(self.searches),
+            # A search's settings only where it runs: a grid sweep's record (and resume check) is the grid's.
+            **{name: section for name, section in (("dylora", dataclasses.asdict(self.dylora)),
+                                                   ("adalora", dict(self.adalora)),
+                                                   ("pilot", dataclasses.asdict(self.pilot))) if name in self.searches},
         }
 
     @property
@@ -262,13 +384,13 @@ class SweepConfig:
         """Whether several rates are tried per point (then the best on ``select_metric`` is reported)."""
         return isinstance(self.learning_rates, tuple) and len(self.learning_rates) > 1
 
-    def rates_for(self, rank: int, default: float) -> tuple[float, ...]:
-        """The learning rates rank ``rank`` is trained with."""
+    def rates_for(self, rank: int, default: float, target_set: str | None = None) -> tuple[float, ...]:
+        """The learning rates rank ``rank`` of ``target_set`` is trained with."""
         rates = self.learning_rates
         if rates is None:
             return (default,)
         if isinstance(rates, Mapping):
-            return (rates[rank],)
+            return (rates[target_set],) if target_set in rates else (rates[rank],)
         return tuple(rates)
 
 
@@ -300,9 +422,11 @@ def template_method(config: ExperimentConfig) -> LoraConfig:
 
 
 def available_metrics(config: ExperimentConfig) -> list[str]:
-    """The metric names a run of ``config`` produces: accuracy and loss per evaluated split."""
+    """The metric names a run of ``config`` produces: accuracy and loss per evaluated split,
+    and perplexity for a language model."""
     splits = [split for split, name in (("eval", config.data.eval_split), ("test", config.data.test_split)) if name]
-    return [f"{split}_{kind}" for split in splits for kind in METRIC_KINDS]
+    kinds = [kind for kind in METRIC_KINDS if kind != "perplexity" or config.data.task == "causal_lm"]
+    return [f"{split}_{kind}" for split in splits for kind in kinds]
 
 
 def higher_is_better(metric: str) -> bool:
@@ -339,7 +463,23 @@ def load_rank_search(path: str | pathlib.Path, overrides: Iterable[str] = ()) ->
     sweep = SweepConfig.from_dict(sections[SWEEP_KEY])
     template_method(config)
     check_metrics(config, sweep)
+    check_optimizer(config, sweep)
     return config, sweep
+
+
+def check_optimizer(config: ExperimentConfig, sweep: SweepConfig) -> None:
+    """Batched members must equal their separate runs. Adafactor factors the second
+    moment of an array whose two largest axes are both at least 128: a member of rank
+    r < 128 padded to R >= 128 would be factored where its own run is not."""
+    large = [r for r in sweep.ranks if r >= ADAFACTOR_MIN_DIM_TO_FACTOR]
+    if sweep.mode == "batched" and config.optim.name == "adafactor" and large and len(sweep.ranks) > 1:
+        raise SweepError(
+            f"Adafactor factors the second moment of arrays with two axes of at least "
+            f"{ADAFACTOR_MIN_DIM_TO_FACTOR}, so batched members padded to rank {max(sweep.ranks)} would not equal "
+            f"their separate runs (ranks {large} are that large). Use sweep.mode: sequential, ranks below "
+            f"{ADAFACTOR_MIN_DIM_TO_FACTOR}, or another optim.name",
+            "sweep.mode",
+        )
 
 
 def model_family(model: nnx.Module) -> str | None:

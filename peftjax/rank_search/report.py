@@ -160,7 +160,7 @@ def plot_effective_rank(payload: dict, path: pathlib.Path) -> None:
 def _setup_lines(payload: dict) -> list[str]:
     config, sweep = payload["config"], payload["sweep"]
     data, train, method = config["data"], config["train"], config["methods"][0]
-    rows = payload["rows"]
+    rows = payload["rows"] or payload.get("search_rows", [])
     steps = rows[0]["steps"] if rows else "?"
     length = f"{train['steps']} steps" if train.get("steps") else f"{train['epochs']} epoch(s)"
     lines = [
@@ -168,7 +168,8 @@ def _setup_lines(payload: dict) -> list[str]:
         + (f", first {data['max_train_rows']} rows" if data.get("max_train_rows") and data["row_selection"] == "first"
            else (f", {data['max_train_rows']} rows sampled (seed {data['row_seed']})" if data.get("max_train_rows")
                  else ""))
-        + f"; eval `{data.get('eval_split')}`; test `{data.get('test_split')}`), max_length {data['max_length']}",
+        + "".join(f"; {name} `{data[f'{name}_split']}`" for name in ("eval", "test") if data.get(f"{name}_split"))
+        + f"), max_length {data['max_length']}",
         f"- training: {length} = {steps} optimizer steps of batch {train['batch_size']} x grad_accum "
         f"{train['grad_accum']}; {config['optim']['name']}, schedule {config['schedule']['decay']}, "
         f"precision {train['precision']}",
@@ -179,8 +180,15 @@ def _setup_lines(payload: dict) -> list[str]:
         + (f" (best on `{sweep['select_metric']}`)" if isinstance(sweep["learning_rates"], list)
            and len(sweep["learning_rates"]) > 1 else ""),
         "- target sets: " + "; ".join(f"`{name}` = `{targets}`" for name, targets in payload["target_sets"].items()),
-        f"- trained with mode `{payload['mode']}`; device `{payload['versions'].get('device')}`",
+        f"- grid trained with mode `{payload.get('mode')}`; device `{payload.get('versions', {}).get('device')}`",
     ]
+    searches = [s for s in sweep.get("searches", ["grid"]) if s != "grid"]
+    if searches:
+        detail = {"dylora": lambda d: f"DyLoRA r_max {d['max_rank']} (b uniform from {d['min_rank']})",
+                  "adalora": lambda d: f"AdaLoRA {d}",
+                  "pilot": lambda d: f"pilot allocation of mean rank {d['mean_rank']} from rank {d['rank']} spectra"}
+        lines.append("- also searched, on the same data, steps, optimizer and rates: "
+                     + "; ".join(detail[s](sweep[s]) for s in searches))
     if payload.get("command"):
         lines.insert(0, f"- command: `{payload['command']}`")
     return lines
@@ -293,20 +301,26 @@ def _similarity_notes(sim: dict) -> list[str]:
 
 def _timing_lines(payload: dict) -> list[str]:
     timing = payload["timing"]
-    lines = ["| mode | wall (s) | setup (s) | first steps incl. compile (s) | training (s) | evaluation (s) | "
-             "load before (1/5/15 min) | load after |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| mode | wall (s) | setup (s) | compilation (s) | training (s) | evaluation (s) | training FLOPs (XLA) "
+             "| optimizer steps | load before (1/5/15 min) | load after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for mode in ("batched", "sequential"):
         if mode not in timing:
             continue
         t = timing[mode]
         before, after = t["load_before"], t["load_after"]
         lines.append(
-            f"| {mode} | {t['wall_s']:.0f} | {t['setup_s_total']:.0f} | {t['first_step_s_total']:.0f} | "
-            f"{t['train_s_total']:.0f} | {t['eval_s_total']:.0f} | {before['loadavg_1m']:.1f}/"
-            f"{before['loadavg_5m']:.1f}/{before['loadavg_15m']:.1f} on {before['cpu_count']} CPUs | "
-            f"{after['loadavg_1m']:.1f}/{after['loadavg_5m']:.1f}/{after['loadavg_15m']:.1f} |"
+            f"| {mode} | {t['wall_s']:.0f} | {t['setup_s_total']:.0f} | "
+            f"{t['compile_s_total'] + t['eval_compile_s_total']:.0f} | {t['train_s_total']:.0f} | "
+            f"{t['eval_s_total']:.0f} | {t['train_flops_total']:.3g} | {t['optimizer_steps_total']:,} | "
+            f"{before['loadavg_1m']:.1f}/{before['loadavg_5m']:.1f}/{before['loadavg_15m']:.1f} on "
+            f"{before['cpu_count']} CPUs | {after['loadavg_1m']:.1f}/{after['loadavg_5m']:.1f}/"
+            f"{after['loadavg_15m']:.1f} |"
         )
+    lines += ["", "Compilation (tracing, lowering and XLA compiling the training step for each batch shape, and the "
+                  "evaluation) is measured from JAX's compile events and excluded from the training and evaluation "
+                  "columns. Training FLOPs are XLA's count of the compiled step, summed over the steps taken (a "
+                  "batched program's FLOPs are all its members')."]
     reused = {mode: timing[mode].get("points_reused", 0) for mode in ("batched", "sequential") if mode in timing}
     if any(reused.values()):
         counts = ", ".join(f"{mode}: {n}" for mode, n in reused.items() if n)
@@ -323,23 +337,17 @@ def _timing_lines(payload: dict) -> list[str]:
     return lines
 
 
-def write_report(payload: dict[str, Any], out: pathlib.Path, *, notes: Sequence[str] = ()) -> pathlib.Path:
-    """Write ``report.md`` and ``plots/*.png`` into ``out``; returns the report's path."""
-    out = pathlib.Path(out)
-    plots = out / PLOTS_DIR
-    plots.mkdir(parents=True, exist_ok=True)
+def _grid_sections(payload: dict, plots: pathlib.Path, metric: str) -> list[str]:
     plot_metric_vs_rank(payload, plots / "metric_vs_rank.png")
     plot_pareto(payload, plots / "pareto.png")
     plot_spectra(payload, plots / "spectra.png")
     plot_effective_rank(payload, plots / "effective_rank.png")
     has_similarity = plot_similarity(payload, plots / "similarity.png")
-    metric = payload["sweep"]["metric"]
-    lines = [f"# Rank search: {payload['config']['name']}", "", *_setup_lines(payload), ""]
-    lines += [f"## {metric} by rank and target set", "", *_pivot(payload), "", "![metric vs rank]"
-              f"({PLOTS_DIR}/metric_vs_rank.png)", "", "### Every (target set, rank)", "", *_results_table(payload),
-              "", "Step time is the mean wall time of one optimizer step after the first (which compiles); in "
-              "batched mode one step trains all K members of the program, so the per-member figure is the "
-              "program's step time / K. Peak memory is the device's peak so far (XLA reports none on CPU).", ""]
+    lines = [f"## {metric} by rank and target set", "", *_pivot(payload), "", "![metric vs rank]"
+             f"({PLOTS_DIR}/metric_vs_rank.png)", "", "### Every (target set, rank)", "", *_results_table(payload),
+             "", "Step time is the mean wall time of one optimizer step after the first, compilation excluded; in "
+             "batched mode one step trains all K members of the program, so the per-member figure is the "
+             "program's step time / K. Peak memory is the device's peak so far (XLA reports none on CPU).", ""]
     lines += ["## Pareto front: trainable parameters vs " + metric, ""]
     lines += [f"- {p['target_set']} r={p['rank']}: {p['trainable_params']:,} params, {_fmt(p['mean'])} ± "
               f"{_fmt(p['std'])}" for p in payload["pareto"]]
@@ -353,6 +361,135 @@ def write_report(payload: dict[str, Any], out: pathlib.Path, *, notes: Sequence[
     if has_similarity:
         lines += [f"![similarity]({PLOTS_DIR}/similarity.png)", ""]
     lines += ["## Timing", "", *_timing_lines(payload), ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------
+# The comparison of searches (peftjax.rank_search.compare).
+# ----------------------------------------------------------------------------
+
+SEARCH_TITLES = {"grid": "grid", "dylora": "DyLoRA", "adalora": "AdaLoRA", "pilot": "pilot allocation"}
+_MARKERS = {"grid": "o", "dylora": "s", "adalora": "^", "pilot": "D"}
+
+
+def plot_comparison(payload: dict, path: pathlib.Path) -> None:
+    """Metric vs trainable parameters (per rank for the grid and DyLoRA) and vs the search's training FLOPs."""
+    plt = _pyplot()
+    fig, (by_params, by_flops) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for entry in payload["comparison"]["entries"]:
+        search, marker = entry["search"], _MARKERS[entry["search"]]
+        label = f"{SEARCH_TITLES[search]}, {entry['target_set']}"
+        points = entry["by_rank"] if search in ("grid", "dylora") else [entry]
+        by_params.errorbar([e["trainable_params"] for e in points], [e["mean"] for e in points],
+                           yerr=[e["std"] for e in points], marker=marker, capsize=2, label=label,
+                           linestyle={"grid": "-", "dylora": "--"}.get(search, "none"))
+        by_flops.errorbar([entry["train_flops"]], [entry["mean"]], yerr=[entry["std"]], marker=marker, capsize=2,
+                          label=label, linestyle="none")
+    by_params.set_xlabel("trainable parameters")
+    by_params.set_ylabel(f"{payload['sweep']['metric']} (mean ± std over seeds)")
+    by_params.set_title("Metric vs trainable parameters")
+    by_flops.set_xlabel("training FLOPs of the whole search (XLA, all seeds)")
+    by_flops.set_title("Picked configuration vs search cost")
+    for ax in (by_params, by_flops):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _comparison_table(payload: dict) -> list[str]:
+    comparison = payload["comparison"]
+    goal, metric = comparison["goal"], payload["sweep"]["metric"]
+    lines = [
+        f"| search | target set | picks (by `{payload['sweep']['select_metric']}`) | {metric} (mean ± std, n) | "
+        "vs grid's best (points) | trainable params | wall (s) | compilation (s) | training (s) | evaluation (s) | "
+        "optimizer steps | training FLOPs | FLOPs / grid's | goal |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for e in comparison["entries"]:
+        picks = f"mean kept rank {e['mean_kept_rank']:.2f}" if "mean_kept_rank" in e else f"rank {e['picked_rank']}"
+        delta, fraction = e.get("points_from_grid_best"), e.get("flops_fraction_of_grid")
+        meets = "" if e["search"] == "grid" or "meets_goal" not in e else ("met" if e["meets_goal"] else "missed")
+        lines.append(
+            f"| {SEARCH_TITLES[e['search']]} | {e['target_set']} | {picks} | {_fmt(e['mean'])} ± {_fmt(e['std'])} "
+            f"({e['seeds']}) | {'' if delta is None else f'{delta:+.2f}'} | {e['trainable_params']:,} | "
+            f"{e['wall_s']:.0f} | {e['compile_s']:.0f} | {e['train_s']:.0f} | {e['eval_s']:.0f} | "
+            f"{e['optimizer_steps']:,} | {e['train_flops']:.3g} | {'' if fraction is None else f'{fraction:.3f}'} | "
+            f"{meets} |"
+        )
+    lines += ["", f"The grid's best is its rank of best mean {metric} for the target set; a search meets the goal "
+                  f"when its pick is within {goal['points']:g} point of it at no more than {goal['flops_fraction']:g}x "
+                  "the grid's training FLOPs (same target set, all seeds). Costs are summed over seeds; the pilot "
+                  "allocation's include its pilot run. Trainable parameters: AdaLoRA's count the triplets it kept."]
+    return lines
+
+
+def _rank_pivot(payload: dict) -> list[str]:
+    """Metric by rank for the grid and DyLoRA, side by side."""
+    columns = [e for e in payload["comparison"]["entries"] if e["search"] in ("grid", "dylora")]
+    if not any(e["search"] == "dylora" for e in columns):
+        return []
+    ranks = sorted({r["rank"] for e in columns for r in e["by_rank"]})
+    header = " | ".join(f"{SEARCH_TITLES[e['search']]} {e['target_set']}" for e in columns)
+    lines = [f"| rank | {header} |", "| ---: |" + " --- |" * len(columns)]
+    for rank in ranks:
+        cells = []
+        for e in columns:
+            found = next((r for r in e["by_rank"] if r["rank"] == rank), None)
+            cells.append("" if found is None else f"{_fmt(found['mean'])} ± {_fmt(found['std'])}")
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _allocation_lines(payload: dict) -> list[str]:
+    """AdaLoRA's and the pilot's ranks per module kind, layer by layer, mean over seeds."""
+    lines = []
+    for e in payload["comparison"]["entries"]:
+        if "rank_patterns" not in e:
+            continue
+        per_module: dict[str, list[int]] = {}
+        for pattern in e["rank_patterns"]:
+            for module, rank in pattern.items():
+                per_module.setdefault(module, []).append(rank)
+        kinds: dict[str, list[tuple[int, float]]] = {}
+        for module, ranks in per_module.items():
+            parts = module.split(".")
+            last_layer = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+            layer = int(parts[last_layer]) if last_layer >= 0 else -1
+            kinds.setdefault(".".join(parts[last_layer + 1:]), []).append((layer, float(np.mean(ranks))))
+        lines.append(f"- {SEARCH_TITLES[e['search']]}, `{e['target_set']}` (mean rank per module "
+                     f"{e['mean_kept_rank']:.2f}), layer by layer:")
+        lines += [f"  - `{kind}`: " + ", ".join(f"{r:.1f}" for _, r in sorted(values))
+                  for kind, values in sorted(kinds.items())]
+    return lines
+
+
+def _comparison_section(payload: dict, plots: pathlib.Path) -> list[str]:
+    plot_comparison(payload, plots / "comparison.png")
+    lines = ["## Searches on the same data and budget", "", *_comparison_table(payload), "",
+             f"![comparison]({PLOTS_DIR}/comparison.png)", ""]
+    pivot = _rank_pivot(payload)
+    if pivot:
+        lines += ["### Every rank: trained alone (grid) or read off one DyLoRA run", "", *pivot, ""]
+    allocations = _allocation_lines(payload)
+    if allocations:
+        lines += ["### Allocations", "", *allocations, ""]
+    return lines
+
+
+def write_report(payload: dict[str, Any], out: pathlib.Path, *, notes: Sequence[str] = ()) -> pathlib.Path:
+    """Write ``report.md`` and ``plots/*.png`` into ``out``; returns the report's path."""
+    out = pathlib.Path(out)
+    plots = out / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    metric = payload["sweep"]["metric"]
+    lines = [f"# Rank search: {payload['config']['name']}", "", *_setup_lines(payload), ""]
+    if payload.get("comparison", {}).get("entries"):
+        lines += _comparison_section(payload, plots)
+    if payload.get("summary"):
+        lines += _grid_sections(payload, plots, metric)
     if notes:
         lines += ["## Notes", "", *notes, ""]
     path = out / REPORT_FILE

@@ -42,7 +42,15 @@ from peftjax.core.inject import delete_adapter
 from peftjax.core.paths import Targets
 from peftjax.data import BatchLoader
 from peftjax.methods.lora import LoraConfig
-from peftjax.rank_search.batched import ADAPTER_NAME, BatchedTrainStep, Member, build_batched_state, member_factors
+from peftjax.rank_search.batched import (
+    ADAPTER_NAME,
+    BatchedTrainStep,
+    Member,
+    build_batched_state,
+    member_adafactor,
+    member_factors,
+)
+from peftjax.rank_search.cost import CompileClock, StepShapes
 from peftjax.rank_search.config import (
     Point,
     SweepConfig,
@@ -69,13 +77,16 @@ RESULTS_CSV = "rank_search.csv"
 
 @dataclasses.dataclass
 class Timing:
-    """Where one training run's time went."""
+    """Where one training run's time went, and what its training computed."""
 
     setup_s: float = 0.0  # data, model, adapters, optimizer state
-    first_step_s: float = 0.0  # the first step: compilation and one step
-    step_s: float = math.nan  # mean wall time of the later steps
-    train_s: float = 0.0  # all steps
-    eval_s: float = 0.0
+    compile_s: float = 0.0  # tracing, lowering and compiling the step, for every batch shape
+    first_step_s: float = 0.0  # the first step's wall time, its compilation included
+    step_s: float = math.nan  # mean wall time of the later steps, compilation excluded
+    train_s: float = 0.0  # all steps, compilation excluded
+    eval_s: float = 0.0  # evaluation, its compilation excluded
+    eval_compile_s: float = 0.0
+    train_flops: float = 0.0  # XLA's count for the whole program (all members), all steps
 
 
 # ----------------------------------------------------------------------------
@@ -108,7 +119,7 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
         for seed in sweep.seeds
         for target_set in target_sets
         for rank in sweep.ranks
-        for lr in sweep.rates_for(rank, default_lr)
+        for lr in sweep.rates_for(rank, default_lr, target_set.name)
     ]
 
 
@@ -118,38 +129,52 @@ def _plan(sweep: SweepConfig, target_sets: Sequence[TargetSet], default_lr: floa
 
 
 def _train(step_fn: Callable, state, loader: BatchLoader, total_steps: int, mesh, timing: Timing,
-           after_step: Callable[[int], None]):
+           after_step: Callable[[int], None] = lambda step: None):
     """``total_steps`` steps from the loader's start; returns the state and the losses (steps x members).
+    ``timing`` gets the compilation apart from the steps, and XLA's FLOPs of all steps;
     ``after_step(step)`` runs after each step (it raises to stop the sweep)."""
     batches = loader.iterate()
     losses = []
-    started = time.perf_counter()
-    state, metrics = step_fn(state, global_batch(next(batches), mesh))
-    losses.append(metrics["loss"])
-    jax.block_until_ready(metrics["loss"])
-    timing.first_step_s = time.perf_counter() - started
-    after_step(1)
-    later = time.perf_counter()
-    for step in range(2, total_steps + 1):
-        state, metrics = step_fn(state, global_batch(next(batches), mesh))
+    shapes = StepShapes()
+    with CompileClock() as clock:
+        started = time.perf_counter()
+        batch = global_batch(next(batches), mesh)
+        shapes.add(batch)
+        state, metrics = step_fn(state, batch)
         losses.append(metrics["loss"])
-        after_step(step)
-    jax.block_until_ready(losses[-1])
-    now = time.perf_counter()
+        jax.block_until_ready(metrics["loss"])
+        timing.first_step_s = time.perf_counter() - started
+        after_step(1)
+        later, compiled_before = time.perf_counter(), clock.seconds
+        for step in range(2, total_steps + 1):
+            batch = global_batch(next(batches), mesh)
+            shapes.add(batch)
+            state, metrics = step_fn(state, batch)
+            losses.append(metrics["loss"])
+            after_step(step)
+        jax.block_until_ready(losses[-1])
+        now = time.perf_counter()
     if total_steps > 1:
-        timing.step_s = (now - later) / (total_steps - 1)
-    timing.train_s = now - started
+        timing.step_s = (now - later - (clock.seconds - compiled_before)) / (total_steps - 1)
+    timing.compile_s = clock.seconds
+    timing.train_s = now - started - clock.seconds
+    timing.train_flops = shapes.total_flops(lambda example: step_fn.lower(state, example))
     return state, np.asarray(jax.device_get(losses), np.float64)
 
 
-def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh) -> dict[str, float]:
-    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them."""
+def _evaluate_splits(model, prep: runner.Prepared, config: ExperimentConfig, mesh, timing: Timing) -> dict[str, float]:
+    """``{split}_{accuracy,loss}`` on the eval and test splits, as ``peftjax train`` reports them;
+    adds the time taken to ``timing`` (evaluation and its compilation apart)."""
     scores = {}
-    for split in ("eval", "test"):
-        if split in prep.task.splits:
-            loader = prep.task.eval_loader(config.train.eval_batch_size, split)
-            found = evaluate(model, loader, prep.loss_fn, mesh)
-            scores.update({f"{split}_{k}": v for k, v in found.items()})
+    started = time.perf_counter()
+    with CompileClock() as clock:
+        for split in ("eval", "test"):
+            if split in prep.task.splits:
+                loader = prep.task.eval_loader(config.train.eval_batch_size, split)
+                found = evaluate(model, loader, prep.loss_fn, mesh)
+                scores.update({f"{split}_{k}": v for k, v in found.items()})
+    timing.eval_s += time.perf_counter() - started - clock.seconds
+    timing.eval_compile_s += clock.seconds
     return scores
 
 
@@ -206,8 +231,12 @@ def _result(
         "step_time_per_member_s": timing.step_s / members,
         "first_step_s": timing.first_step_s,
         "setup_s": timing.setup_s,
+        "compile_s": timing.compile_s,
         "train_s": timing.train_s,
         "eval_s": timing.eval_s,
+        "eval_compile_s": timing.eval_compile_s,
+        "train_flops": timing.train_flops / members,  # this point's share of its program's
+        "program_train_flops": timing.train_flops,
         "peak_memory_bytes": runner.peak_memory_bytes(),
     }
     for energy in ENERGIES:
@@ -266,7 +295,8 @@ def run_batched(
                 members = [Member(p.rank, p.learning_rate) for p in chunk]
 
                 def make_tx(lr: float, _prep=prep):
-                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps)
+                    return runner.build_optimizer(_with(config, seed=seed, learning_rate=lr), _prep.total_steps,
+                                                  adafactor=member_adafactor)
 
                 shape_key = (target_set.name, max(m.rank for m in members), len(members))  # same program
                 step_fn, static = steps.get(shape_key, (None, None))
@@ -279,10 +309,9 @@ def run_batched(
                     steps[shape_key] = (step_fn, state.static)
                 state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
                 for index, point in enumerate(chunk):
-                    started = time.perf_counter()
                     model = state.member(index).model()
-                    metrics = _evaluate_splits(model, prep, config, mesh)
-                    timing_i = dataclasses.replace(timing, eval_s=time.perf_counter() - started)
+                    timing_i = dataclasses.replace(timing)
+                    metrics = _evaluate_splits(model, prep, config, mesh, timing_i)
                     factors = member_factors(model)
                     yield _result(point, target_set, template, counts[index], metrics, losses[:, index], timing_i,
                                   mode="batched", program=f"batched-s{seed}-{target_set.name}-{chunk_index}",
@@ -318,10 +347,8 @@ def run_sequential(
         timing.setup_s = time.perf_counter() - started
         step_fn = make_train_step(prep.loss_fn, grad_accum=cfg.train.grad_accum)
         state, losses = _train(step_fn, state, prep.train_loader, prep.total_steps, mesh, timing, after_step)
-        started = time.perf_counter()
         model = state.model()
-        metrics = _evaluate_splits(model, prep, cfg, mesh)
-        timing.eval_s = time.perf_counter() - started
+        metrics = _evaluate_splits(model, prep, cfg, mesh, timing)
         log(f"sequential {point.name}: first step {timing.first_step_s:.1f}s, {timing.step_s:.3f}s/step")
         yield _result(point, target_set, template, counts, metrics, losses, timing, mode="sequential",
                       program=point.name, members=1, factors=member_factors(model))
@@ -335,12 +362,13 @@ CSV_COLUMNS = (
     "mode", "target_set", "targets", "modules", "rank", "alpha", "scale", "seed", "learning_rate",
     "trainable_params", "total_params", "eval_accuracy", "eval_loss", "test_accuracy", "test_loss",
     "final_train_loss", "finite", "steps", "members_in_program", "step_time_s", "step_time_per_member_s",
-    "first_step_s", "setup_s", "train_s", "eval_s", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
+    "first_step_s", "setup_s", "compile_s", "train_s", "eval_s", "eval_compile_s", "train_flops",
+    "program_train_flops", "peak_memory_bytes", "effective_rank_90", "effective_rank_99",
 )  # fmt: skip
 
 
-def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
-    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)]
+def write_csv(path: pathlib.Path, rows: Sequence[dict], extra_columns: Sequence[str] = ()) -> None:
+    columns = [c for c in (*extra_columns, *CSV_COLUMNS) if any(c in r for r in rows)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
@@ -439,10 +467,7 @@ def _run_rank_search(config: ExperimentConfig, sweep: SweepConfig, out: pathlib.
         programs = _unique_programs(rows)
         timing[mode] = {"wall_s": time.perf_counter() - started, "points_reused": reused, "load_before": load_before,
                         "load_after": _machine_load(), "programs": len(programs),
-                        "first_step_s_total": float(sum(r["first_step_s"] for r in programs)),
-                        "train_s_total": float(sum(r["train_s"] for r in programs)),
-                        "setup_s_total": float(sum(r["setup_s"] for r in programs)),
-                        "eval_s_total": float(sum(r["eval_s"] for r in rows))}
+                        **program_totals(rows)}
         rows_by_mode[mode] = rows
         log(f"{mode}: {len(rows)} points in {timing[mode]['wall_s']:.0f}s")
         if len(rows_by_mode) == 2 and not any(timing[m]["points_reused"] for m in rows_by_mode):
@@ -505,6 +530,19 @@ def _without_spectra(row: dict[str, Any]) -> dict[str, Any]:
 def _unique_programs(rows: Sequence[dict]) -> list[dict]:
     """One row per trained program (members of a batched program share its timing)."""
     return list({row["program"]: row for row in rows}.values())
+
+
+def program_totals(rows: Sequence[dict]) -> dict[str, float]:
+    """Time and FLOPs of the programs that trained ``rows``: setup, compilation, steps and
+    FLOPs once per program; evaluation and its compilation per row."""
+    programs = _unique_programs(rows)
+    per_program = ("first_step_s", "setup_s", "compile_s", "train_s")
+    totals = {f"{key}_total": float(sum(r[key] for r in programs)) for key in per_program}
+    totals["eval_s_total"] = float(sum(r["eval_s"] for r in rows))
+    totals["eval_compile_s_total"] = float(sum(r["eval_compile_s"] for r in rows))
+    totals["train_flops_total"] = float(sum(r["program_train_flops"] for r in programs))
+    totals["optimizer_steps_total"] = int(sum(r["steps"] * r["members_in_program"] for r in programs))
+    return totals
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -36,6 +36,7 @@ def _toy():
 
 def _text(preset: str, **kwargs):
     model = from_config(preset, seed=0, **kwargs)
+    model.train()  # dropout on: the dropout rows train through it
     ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 1000)
     mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
     return model, (ids, mask)
@@ -43,6 +44,7 @@ def _text(preset: str, **kwargs):
 
 def _vit():
     model = from_config("vit-tiny", num_labels=3, seed=0)
+    model.train()
     return model, (jax.random.normal(jax.random.key(1), (2, 3, 32, 32)),)
 
 
@@ -149,6 +151,10 @@ ROWS += [
            lambda m: lora_count(2, (2 * bert(m)[0], bert(m)[1], bert(m)[1])), identity_to_disabled=True),
     Row.of("loraplus-toy", "toy", LoraConfig(rank=4, targets=["query", "value"], loraplus_lr_ratio=16.0),
            lambda m: lora_count(4, (4, 16, 16)), mergeable=True),
+    # AdaLoRA: A, B and r singular values per layer (E starts at zero: the identity).
+    Row.of("adalora-toy", "toy", peftjax.AdaLoraConfig(init_rank=4, target_rank=2, total_steps=10,
+                                                       targets=["query", "value"]),
+           lambda m: lora_count(4, (4, 16, 16)) + 4 * 4, mergeable=True),
     # Relabelling only: nothing to merge, so merged == unmerged trivially.
     Row.of("bitfit-bert", "bert-tiny", peftjax.BitFitConfig(),
            # q k v o, FFN in and out, two LayerNorms per layer; embeddings LayerNorm, pooler, classifier
