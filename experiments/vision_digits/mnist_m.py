@@ -100,7 +100,7 @@ def adapted_run(arm: str, target: dict, network, seed: int) -> tuple[ExperimentC
         "optim": {"learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "max_grad_norm": None},
         "schedule": {"decay": "cosine"}, "train": {"batch_size": BATCH, "steps": STEPS, "seed": seed},
     })
-    model = models.from_config(network, task="image-classification", rngs=nnx.Rngs(seed))
+    model = models.from_config(network, task="image_classification", rngs=nnx.Rngs(seed))
     peftjax.apply(model, peftjax.registered_methods()["full"]())
     return config, model
 
@@ -186,7 +186,7 @@ def main() -> None:
                 images = {"train_images": len(data["source_y"]), "unlabelled_target_images": len(data["target_y"])}
             else:
                 pool = "source" if arm == "source_only" else "target"
-                model = models.from_config(network, task="image-classification", rngs=nnx.Rngs(seed))
+                model = models.from_config(network, task="image_classification", rngs=nnx.Rngs(seed))
                 tx = optax.adamw(optax.cosine_decay_schedule(LEARNING_RATE, STEPS), weight_decay=WEIGHT_DECAY)
                 optimizer = peftjax.make_optimizer(model, tx, rules=[(nnx.Param, "trainable")])
                 model, loss = trainer.fit("scratch", model,  # both arms: one compiled step

@@ -105,10 +105,10 @@ def optimizer_for(arm: str, model: nnx.Module, steps: int) -> peftjax.PeftOptimi
 
 def build(arm: str, pretrained: pathlib.Path, seed: int) -> nnx.Module:
     if arm == "scratch":
-        return models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed))
+        return models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(seed))
     model = models.from_pretrained(pretrained, seed=seed)
     # Source and target both have 5 classes, so the checkpoint's head would load; the target gets a new one.
-    model.classifier = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed)).classifier
+    model.classifier = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(seed)).classifier
     if arm == "feature_extraction":
         peftjax.apply(model, peftjax.registered_methods()["linear_probe"]())
     elif arm == "conv_lora":
@@ -174,7 +174,7 @@ def main() -> None:
     source, target = digits(SOURCE), digits(TARGET)
     trainer = Trainer()
 
-    model = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(0))
+    model = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(0))
     optimizer = peftjax.make_optimizer(
         model, optax.adamw(optax.cosine_decay_schedule(PRETRAIN_LR, PRETRAIN_STEPS), weight_decay=1e-4),
         rules=[(nnx.Param, "trainable")])

@@ -25,7 +25,7 @@ IMAGES = {"task": "image_classification", "source": "images", "image_size": 16}
 
 
 def test_pooled_width_is_what_pooled_features_returns():
-    model = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(0))
+    model = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(0))
     model.eval()  # running statistics: nothing to write inside the trace
     batch = {"pixel_values": np.zeros((2, 16, 16, 3), np.float32)}
     pooled = jax.eval_shape(lambda: pooled_features(model_output(model, batch), batch))
@@ -36,7 +36,7 @@ def test_pooled_width_is_what_pooled_features_returns():
 
 
 def test_dann_and_mmd_train_a_resnet_against_an_image_target():
-    model = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(0))
+    model = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(0))
     specs = [{"type": "dann", "target": IMAGES, "hidden": 5}, {"type": "mmd", "target": IMAGES}]
     strategies = build_strategies(specs)
     attach_modules(model, strategies, seed=0)
