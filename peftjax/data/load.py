@@ -139,6 +139,8 @@ def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
             texts = ["" if text is None else str(text) for text in texts]
             splits[split] = _language_model_examples(config, tokenizer, texts, table.where, buckets, pad_id)
             continue
+        texts = [table.column(column, "data.text_columns", rows) for column in config.text_columns]
+        texts = [["" if text is None else str(text) for text in column] for column in texts]
         where = f"{table.where} column {config.label_column!r}"
         labels = table.column(config.label_column, "data.label_column", rows)
         if split == "train":  # the training split fixes the class names for the others
@@ -151,9 +153,7 @@ def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
                                 f"classes: 0..{int(splits['train'].labels.max())}")
         if split == "train" and config.shots_per_class is not None:
             picked = k_shot_rows(label_ids, config.shots_per_class, config.row_seed, names=label_names)
-            rows, label_ids = _within(rows, picked), label_ids[picked]
-        texts = [table.column(column, "data.text_columns", rows) for column in config.text_columns]
-        texts = [["" if text is None else str(text) for text in column] for column in texts]
+            texts, label_ids = [[column[i] for i in picked] for column in texts], label_ids[picked]
         ids, types = encode(tokenizer, texts[0], texts[1] if len(texts) > 1 else None, config.max_length)
         splits[split] = TextExamples.from_sequences(
             ids, labels=label_ids, token_type_ids=types, pad_id=pad_id, bucket_lengths=buckets

@@ -209,8 +209,8 @@ def _summarise(keys: Iterable[str], limit: int = 12) -> str:
 def checkpoint_architecture(path: str | os.PathLike, revision: str | None = None) -> registry.ModelConfig:
     """The model config of a checkpoint's ``config.json``, without reading its weights
     (``from_config`` on it builds the architecture with random weights)."""
-    folder = _resolve_folder(path, revision)
-    hf_config = _read_config(folder)
+    folder = resolve_checkpoint(path, revision, presets=PRESETS)
+    hf_config = read_config(folder)
     try:
         return registry.config_from_hf_dict(hf_config)
     except UnsupportedModelError as error:
