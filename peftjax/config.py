@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import yaml
 
+from peftjax.plugins import load_plugins
 from peftjax.schema import (
     ConfigDumper,
     ConfigError,
@@ -412,6 +413,8 @@ class ExperimentConfig(Section):
 
     name: str = "experiment"
     output_dir: str | None = None
+    # Modules imported before the methods and strategies are read (see peftjax.plugins).
+    plugins: tuple[str, ...] = ()
     model: ModelSpec
     methods: tuple[FrozenDict, ...] = ()
     strategies: tuple[FrozenDict, ...] = ()
@@ -523,6 +526,7 @@ def load_config(
     except ConfigError as error:
         where = f" (config {path}" + (f", overrides {overrides})" if overrides else ")")
         raise ConfigError(error.detail + where, error.key) from None
+    load_plugins(config.plugins)
     if method_validator is not None:
         for index, spec in enumerate(config.methods):
             try:  # adapter_name is the runner's, not the method's

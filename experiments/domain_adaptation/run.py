@@ -97,7 +97,7 @@ def table(rows: list[dict], found: dict[str, dict], targets: list[str]) -> str:
                 values.append("not run")
                 continue
             mean, std = mean_and_std(scores)
-            values.append(f"{mean:.4f} ± {std:.4f} ({len(scores)})")
+            values.append(f"{mean:.4f} ± {std:.4f} ({len(scores)})" if len(scores) > 1 else f"{mean:.4f} (1)")
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
     lines.append("| proxy A-distance (sst2 -> target) | "
                  + " | ".join(f"{found[t]['proxy_a_distance']:.3f}" for t in targets) + " |")

@@ -72,6 +72,7 @@ from peftjax.core.labels import PeftOptimizer, RateGroup, make_optimizer
 from peftjax.core.layer_groups import STRATEGY_MODULES
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
+from peftjax.plugins import load_entry_points
 from peftjax.methods.base import LabelRule
 from peftjax.models.common import ModelOutput
 from peftjax.schema import ConfigError, Section
@@ -95,6 +96,8 @@ def strategy_from_dict(data: Mapping[str, Any]) -> Strategy:
     whose key is relative to the entry (``layers``, ``type``)."""
     fields = dict(data)
     name = fields.pop("type", None)
+    if name not in _REGISTRY:
+        load_entry_points()  # an installed plugin's strategy
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

@@ -289,7 +289,6 @@ def test_an_interrupted_adaptation_run_resumes_bitwise(whole, tmp_path):
     expected = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     assert expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
+    # The resumed run drops the log after its checkpoint (step 4) and labels round 2 (step 5) again, alike.
     rounds = [r for r in _records(tmp_path / "out") if "pseudo_label_round" in r]
-    # The resumed run drops the records the interrupted one wrote after its checkpoint (step 4), so the
-    # round-2 record after step 4 is the resumed run's: round 2 ran again.
-    assert [(r["pseudo_label_round"], r["step"] > 4) for r in rounds] == [(1, False), (2, True)]
+    assert rounds == [r for r in _records(whole) if "pseudo_label_round" in r] and len(rounds) == 2
