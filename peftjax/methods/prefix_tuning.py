@@ -149,7 +149,14 @@ class PrefixTuningConfig(MethodConfig):
 
     def hf_model_tensors(self, model, adapter_name):
         from peftjax.core.inject import iter_wrappers  # the engine imports the methods package, which imports this file
+        from peftjax.models.registry import hf_architecture
 
+        if not getattr(type(model), "hf_takes_past_key_values", True):
+            raise PeftError(
+                f"prefix tuning on {hf_architecture(model)} has no HF PEFT form: HF PEFT passes the prefixes as "
+                "past_key_values, which that transformers class does not take; prefix the bare encoder "
+                "(task 'base') or save with format='peftjax'"
+            )
         found = [(p, w) for p, w in iter_wrappers(model) if w.adapter_name == adapter_name]
         layers = [w for _, w in sorted(found, key=lambda item: [int(k) if k.isdigit() else k
                                                                  for k in item[0].split(".")])]
