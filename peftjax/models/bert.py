@@ -408,8 +408,6 @@ class _BertWithHead(common.ModelWithHead):
 
     base_model_class: ClassVar[type[nnx.Module]] = BertModel
     output_head_names: ClassVar[tuple[str, ...]] = ("classifier",)
-    # transformers' BERT/RoBERTa heads take no past_key_values, which HF PEFT's prefix tuning passes
-    hf_takes_past_key_values: ClassVar[bool] = False
 
     def __call__(
         self,

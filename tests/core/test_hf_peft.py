@@ -10,7 +10,7 @@ in PyTorch with HF PEFT loads with ``load_adapter`` and gives the same logits.
 Both adapters must change the logits, so a no-op cannot pass. VeRA, prompt and
 prefix tuning have an export row and an import row on each family group
 (BERT/RoBERTa, Llama/Mistral/Qwen2, ViT), except prompt learning on ViT and
-prefix tuning on BERT/RoBERTa classifiers, which HF PEFT cannot run and peftjax
+prefix tuning on classifiers, which HF PEFT cannot run and peftjax
 refuses to save. MiniLM with its real weights goes both ways for LoRA, VeRA,
 prompt and prefix tuning. fp32 throughout.
 """
@@ -51,7 +51,7 @@ _BERT = dict(**_TEXT, intermediate_size=48, hidden_dropout_prob=0.0, attention_p
 _LLAMA = dict(**_TEXT, intermediate_size=48, num_key_value_heads=2, pad_token_id=0)
 FAMILIES = {  # name -> (transformers config class, model class, config fields)
     "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, _BERT),
-    # HF PEFT's prefix tuning needs past_key_values, which BertForSequenceClassification does not take
+    # HF PEFT's prefix tuning on a classifier needs past_key_values in its signature, which transformers 5 leaves out
     "bert-encoder": (transformers.BertConfig, transformers.BertModel, _BERT),
     "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification,
                 dict(_BERT, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1)),
@@ -443,12 +443,16 @@ def test_saving_what_hf_peft_cannot_hold_is_refused(checkpoints, tmp_path):
     # HF PEFT applies prompt learning through a task class and has none for image classification
     ("vit", peftjax.PromptTuningConfig(num_virtual_tokens=2), r"PromptTuningConfig has no HF PEFT form on ViTFor"),
     ("vit", peftjax.PrefixTuningConfig(num_virtual_tokens=2), r"PrefixTuningConfig has no HF PEFT form on ViTFor"),
-    # HF PEFT refuses it too: "Model does not support past key values which are required for prefix tuning"
+    # HF PEFT refuses these too: "Model does not support past key values which are required for prefix tuning"
     ("roberta", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
      r"prefix tuning on RobertaForSequenceClassification has no HF PEFT form: .*past_key_values"),
+    ("llama-classifier", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
+     r"prefix tuning on LlamaForSequenceClassification has no HF PEFT form: .*past_key_values"),
 ])
 def test_prompt_learning_hf_peft_cannot_run_is_refused(family, config, message, checkpoints, tmp_path):
-    model = peftjax.apply(load_ours(checkpoints[family]), config)
+    family, _, task = family.partition("-")  # llama-classifier: a new classification head on the causal LM's body
+    task = dict(task="classification", num_labels=2) if task else {}
+    model = peftjax.apply(models.from_pretrained(checkpoints[family], **task), config)
     with pytest.raises(peftjax.PeftError, match=message):
         peftjax.save_adapter(model, tmp_path / "a", format="peft")
     assert not (tmp_path / "a").exists()
