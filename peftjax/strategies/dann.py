@@ -32,6 +32,7 @@ from peftjax.schema import require
 from peftjax.strategies.base import StepContext, register_strategy
 from peftjax.strategies.target_domain import TARGET, TargetDomainStrategy
 from peftjax.train.session import MAIN
+from peftjax.train.tasks import pooled_width
 
 
 @jax.custom_vjp
@@ -95,7 +96,7 @@ class DannConfig(TargetDomainStrategy):
         require(self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}")
 
     def setup(self, model: nnx.Module, *, rngs: nnx.Rngs) -> nnx.Module:
-        return DomainClassifier(model.config.hidden_size, self.hidden, rngs=rngs)
+        return DomainClassifier(pooled_width(model), self.hidden, rngs=rngs)
 
     def label_rules(self, model: nnx.Module, stage: int) -> list[LabelRule]:
         return [(rf"training_strategies\.{self.strategy}\..*", self.strategy)]

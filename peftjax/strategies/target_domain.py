@@ -37,8 +37,8 @@ class TargetDomainStrategy(Strategy):
         require(self.target is not None, "target",
                 f"{self.strategy} trains on the labelled source (the experiment's data) and an unlabelled "
                 "target stream; give target: {source: ..., train_split: ...}")
-        require(self.target.task == "classification", "target.task",
-                f"domain adaptation here is for classification, got {self.target.task}")
+        require(self.target.task in ("classification", "image_classification"), "target.task",
+                f"domain adaptation here is for classification (text or images), got {self.target.task}")
 
     def streams(self) -> Mapping[str, DataConfig]:
         return {TARGET: self.target}

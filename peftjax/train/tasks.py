@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from peftjax.data import IGNORE_INDEX, BatchLoader, ImageExamples, TextExamples
+from peftjax.errors import PeftError
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
 
@@ -58,6 +59,18 @@ def pooled_features(output: ModelOutput, batch: Batch) -> jax.Array:
         return hidden_btd.mean(axis=1)
     mask_bt1 = batch["attention_mask"].astype(jnp.float32)[..., None]
     return (hidden_btd * mask_bt1).sum(axis=1) / jnp.maximum(mask_bt1.sum(axis=1), 1.0)
+
+
+def pooled_width(model: nnx.Module) -> int:
+    """The width of ``pooled_features``: ``config.hidden_size`` (transformers), or
+    the last stage's channels for a model that lists its stages' widths (ResNet's
+    ``hidden_sizes``)."""
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or (None,))[-1]
+    if width is None:
+        raise PeftError(f"{type(model).__name__} has neither config.hidden_size nor config.hidden_sizes, "
+                        "so the width of its pooled features is unknown; give its config one of them")
+    return int(width)
 
 
 def _weighted(losses: jax.Array, correct: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
