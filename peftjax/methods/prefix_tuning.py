@@ -67,6 +67,9 @@ from peftjax.points import AttentionKeyValue
 from peftjax.variables import AdapterParam
 
 DEFAULT_TARGETS = ("attention_kv",)
+# HF PEFT's SEQ_CLS and TOKEN_CLS classes run prefix tuning only on a model whose forward (or
+# its backbone's) names past_key_values; no transformers 5 model here does (peft 0.21, peft_model.py)
+_NO_HF_PREFIX = ("ForSequenceClassification", "ForTokenClassification")
 
 
 class PrefixKeyValue(AdapterParam):
@@ -149,7 +152,14 @@ class PrefixTuningConfig(MethodConfig):
 
     def hf_model_tensors(self, model, adapter_name):
         from peftjax.core.inject import iter_wrappers  # the engine imports the methods package, which imports this file
+        from peftjax.models.registry import hf_architecture
 
+        if type(model).hf_architecture_suffix in _NO_HF_PREFIX:
+            raise PeftError(
+                f"prefix tuning on {hf_architecture(model)} has no HF PEFT form: HF PEFT's classification task "
+                "classes need past_key_values in the forward signature, which transformers 5's models do not "
+                "declare; prefix the bare model (task 'base') or save with format='peftjax'"
+            )
         found = [(p, w) for p, w in iter_wrappers(model) if w.adapter_name == adapter_name]
         layers = [w for _, w in sorted(found, key=lambda item: [int(k) if k.isdigit() else k
                                                                  for k in item[0].split(".")])]

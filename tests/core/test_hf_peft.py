@@ -7,8 +7,12 @@ for that model and only fields of peft's own config class; saved again by
 PyTorch, it loads back bitwise (prefix tuning trained with its projection
 comes back folded, as HF PEFT saves it). Import rows: an adapter trained a few steps
 in PyTorch with HF PEFT loads with ``load_adapter`` and gives the same logits.
-Both adapters must change the logits, so a no-op cannot pass. MiniLM with its
-real weights goes both ways once. fp32 throughout.
+Both adapters must change the logits, so a no-op cannot pass. VeRA, prompt and
+prefix tuning have an export row and an import row on each family group
+(BERT/RoBERTa, Llama/Mistral/Qwen2, ViT), except prompt learning on ViT and
+prefix tuning on classifiers, which HF PEFT cannot run and peftjax
+refuses to save. MiniLM with its real weights goes both ways for LoRA, VeRA,
+prompt and prefix tuning. fp32 throughout.
 """
 
 import os
@@ -47,7 +51,7 @@ _BERT = dict(**_TEXT, intermediate_size=48, hidden_dropout_prob=0.0, attention_p
 _LLAMA = dict(**_TEXT, intermediate_size=48, num_key_value_heads=2, pad_token_id=0)
 FAMILIES = {  # name -> (transformers config class, model class, config fields)
     "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, _BERT),
-    # HF PEFT's prefix tuning needs past_key_values, which BertForSequenceClassification does not take
+    # HF PEFT's prefix tuning on a classifier needs past_key_values in its signature, which transformers 5 leaves out
     "bert-encoder": (transformers.BertConfig, transformers.BertModel, _BERT),
     "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification,
                 dict(_BERT, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1)),
@@ -72,9 +76,14 @@ EXPORT = {  # peftjax adapters trained here, loaded by HF PEFT
                                                      also_train=(r"classifier\..*",))),
     # fan-in 32 and 48, fan-out 32 and 48: each layer takes its own slices of the shared matrices
     "vit-vera": ("vit", peftjax.VeraConfig(rank=8, targets=["query", "intermediate.dense", "output.dense"])),
+    "roberta-vera": ("roberta", peftjax.VeraConfig(rank=8, targets=["query", "value"])),
+    "mistral-vera": ("mistral", peftjax.VeraConfig(rank=8, targets=["q_proj", "down_proj"])),
     "llama-prompt": ("llama", peftjax.PromptTuningConfig(num_virtual_tokens=3)),
+    "bert-prompt-head": ("bert", peftjax.PromptTuningConfig(num_virtual_tokens=3, also_train=(r"classifier\..*",))),
     "bert-encoder-prefix-projected": ("bert-encoder", peftjax.PrefixTuningConfig(num_virtual_tokens=3,
                                                                                  prefix_projection=True)),
+    "mistral-prefix": ("mistral", peftjax.PrefixTuningConfig(num_virtual_tokens=3)),
+    # ViT: HF PEFT has no prompt learning for image classifiers (test_prompt_learning_hf_peft_cannot_run_is_refused)
 }
 IMPORT = {  # HF PEFT adapters trained in PyTorch, loaded by peftjax
     "bert-lora-embed-head": ("bert", lambda: peft.LoraConfig(
@@ -88,9 +97,15 @@ IMPORT = {  # HF PEFT adapters trained in PyTorch, loaded by peftjax
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"])),
     "vit-ia3": ("vit", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])),
     "bert-vera": ("bert", lambda: peft.VeraConfig(r=8, target_modules=["query", "intermediate.dense"])),
+    "llama-vera": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["v_proj", "up_proj"])),
+    "vit-vera-head": ("vit", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "fc1"],
+                                                      modules_to_save=["classifier"])),
     "roberta-prompt-head": ("roberta", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "qwen2-prompt": ("qwen2", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     "qwen2-prefix-projected": ("qwen2", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                                                          prefix_projection=True)),
+    "bert-encoder-prefix": ("bert-encoder", lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                                             num_virtual_tokens=3)),
 }
 
 
@@ -303,8 +318,8 @@ def minilm_bases(minilm_path):
 
 @pytest.mark.parametrize("method", list(MINILM_PYTORCH))
 def test_minilm_real_weights_pytorch_to_peftjax_and_back(method, minilm_bases, tmp_path):
-    """Trained in PyTorch, loaded by peftjax, saved by peftjax, loaded by PyTorch: the
-    logits agree at each step (no JAX training here: the other rows train in JAX)."""
+    """Trained in PyTorch, loaded by peftjax, trained on in JAX, saved by peftjax, loaded
+    by PyTorch: the logits agree at each crossing."""
     ours_base, theirs_base = minilm_bases
     rng = np.random.default_rng(2)
     inputs = {"input_ids": rng.integers(1000, 30000, size=(2, 12)), "attention_mask": np.ones((2, 12), np.int64)}
@@ -316,9 +331,13 @@ def test_minilm_real_weights_pytorch_to_peftjax_and_back(method, minilm_bases, t
     adapted = ours_out(ours, inputs)
     assert gap(adapted, theirs_out(theirs, inputs), inputs) < ATOL
     assert gap(theirs_out(theirs_base, inputs), adapted, inputs) > 1e-3, "the adapter counts"
+    imported = trained_adapter_params(ours)
+    ours = train_ours(ours, inputs, steps=2)
+    trained = trained_adapter_params(ours)
+    assert all(not np.array_equal(imported[k], trained[k]) for k in imported), "JAX training moved every tensor"
     peftjax.save_adapter(ours, tmp_path / "from_jax", format="peft")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(theirs_base), tmp_path / "from_jax").eval()
-    assert gap(adapted, theirs_out(again, inputs), inputs) < ATOL
+    assert gap(ours_out(ours, inputs), theirs_out(again, inputs), inputs) < ATOL
 
 
 # ---------------------------------------------------------------------------
@@ -418,6 +437,25 @@ def test_saving_what_hf_peft_cannot_hold_is_refused(checkpoints, tmp_path):
     with pytest.raises(peftjax.PeftError, match=r"exactly one adapter; this model has \['default', 'second'\]"):
         peftjax.save_adapter(model, tmp_path / "b", format="peft")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family, config, message", [
+    # HF PEFT applies prompt learning through a task class and has none for image classification
+    ("vit", peftjax.PromptTuningConfig(num_virtual_tokens=2), r"PromptTuningConfig has no HF PEFT form on ViTFor"),
+    ("vit", peftjax.PrefixTuningConfig(num_virtual_tokens=2), r"PrefixTuningConfig has no HF PEFT form on ViTFor"),
+    # HF PEFT refuses these too: "Model does not support past key values which are required for prefix tuning"
+    ("roberta", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
+     r"prefix tuning on RobertaForSequenceClassification has no HF PEFT form: .*past_key_values"),
+    ("llama-classifier", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
+     r"prefix tuning on LlamaForSequenceClassification has no HF PEFT form: .*past_key_values"),
+])
+def test_prompt_learning_hf_peft_cannot_run_is_refused(family, config, message, checkpoints, tmp_path):
+    family, _, task = family.partition("-")  # llama-classifier: a new classification head on the causal LM's body
+    task = dict(task="classification", num_labels=2) if task else {}
+    model = peftjax.apply(models.from_pretrained(checkpoints[family], **task), config)
+    with pytest.raises(peftjax.PeftError, match=message):
+        peftjax.save_adapter(model, tmp_path / "a", format="peft")
+    assert not (tmp_path / "a").exists()
 
 
 def test_convert_adapter_command(checkpoints, tmp_path):
