@@ -43,10 +43,10 @@ class Task(NamedTuple):  # not dataclasses: they need the module in sys.modules,
 
 
 TASKS = {
-    "bert": Task("bert-sequence-classification", "sequence-classification", "classification",
+    "bert": Task("bert-sequence-classification", "classification", "classification",
                  "BertForSequenceClassification", "SEQ_CLS", 2, "query,value", None, (r"classifier\..*",)),
     # bitsandbytes quantises every linear layer but lm_head; QLoRA on all of them quantises the same set here.
-    "llama": Task("llama-causal-lm", "causal-lm", "causal_lm", "LlamaForCausalLM", "CAUSAL_LM", None,
+    "llama": Task("llama-causal-lm", "causal_lm", "causal_lm", "LlamaForCausalLM", "CAUSAL_LM", None,
                   "q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }  # fmt: skip
 

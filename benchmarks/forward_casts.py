@@ -49,7 +49,7 @@ def flops_and_converts(model: nnx.Module, inputs: dict) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="llama-tiny,llama-1b")
-    parser.add_argument("--methods", default="lora-r4,lora-r8,lora-r16,ia3")
+    parser.add_argument("--methods", default="lora:rank=4,lora,lora:rank=16,ia3")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--json", type=Path)

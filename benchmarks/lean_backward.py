@@ -100,7 +100,7 @@ def compile_variant(builder: ModelBuilder, method: str, switches: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=sorted(floor_check.MODELS))
-    parser.add_argument("--methods", default="lora-r8,full")
+    parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     batch, seq, dtype = floor_check.MODELS[args.model]

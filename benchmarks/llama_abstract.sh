@@ -11,11 +11,11 @@ mkdir -p "$OUT/charts"
 for model in llama-1b llama-8b; do
     name=${model//-/_}_abstract
     methods=all
-    [ "$model" = llama-8b ] && methods=${METHODS_8B:-full,lora-r8,qlora,ia3,pfeiffer}
+    [ "$model" = llama-8b ] && methods=${METHODS_8B:-full,lora,qlora,ia3,bottleneck:variant=pfeiffer}
     "$PEFTJAX" bench --model "$model" --methods "$methods" --batch 4 --seq 512 --dtype bf16 --abstract \
         --json "$OUT/$name.json" --charts "$OUT/charts" | tee "$OUT/$name.txt"
 done
 # QLoRA saves memory by quantising the layers it adapts: on every linear layer (the QLoRA paper's setting), against
 # LoRA on the same layers over the full-precision base.
-"$PEFTJAX" bench --model llama-1b --methods lora-all-linear,qlora-all-linear --batch 4 --seq 512 --dtype bf16 \
+"$PEFTJAX" bench --model llama-1b --methods lora:targets=all-linear,qlora:targets=all-linear --batch 4 --seq 512 --dtype bf16 \
     --abstract --json "$OUT/llama_1b_abstract_all_linear.json" --charts "$OUT/charts" | tee "$OUT/llama_1b_abstract_all_linear.txt"

@@ -28,7 +28,8 @@ process while it trains) and ``hwm_train - rss_imports`` (training's own memory,
 the framework's libraries).
 
     python benchmarks/memory_vs_hf_peft.py --json benchmarks/results/minilm_memory_vs_hf_peft.json
-    python benchmarks/memory_vs_hf_peft.py --methods lora --trim-after-build --json benchmarks/results/minilm_memory_vs_hf_peft_trimmed.json
+    python benchmarks/memory_vs_hf_peft.py --methods lora --trim-after-build \
+        --json benchmarks/results/minilm_memory_vs_hf_peft_trimmed.json
 """
 
 from __future__ import annotations

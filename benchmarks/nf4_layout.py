@@ -56,7 +56,7 @@ def nf4_layer(cls):
 
 
 def build(folder, layer_cls, batch):
-    model = from_pretrained(folder, task="sequence-classification", num_labels=2, config_overrides={
+    model = from_pretrained(folder, task="classification", num_labels=2, config_overrides={
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})  # fmt: skip
     with nf4_layer(layer_cls):
         peftjax.apply(model, peftjax.QLoraConfig(rank=8, alpha=16.0, targets="all-linear"))

@@ -101,8 +101,10 @@ def memory_table(path: Path) -> str:
                 f"**{ratio['hwm_train']:.3f}**" if ratio else "", f"{ratio['hwm_train_above_imports']:.3f}" if ratio else "",
             ]) + " |")  # fmt: skip
     cfg = result["config"]
+    pairs = f"{cfg['repeats']} fresh process pair" + ("s per method (median kept)" if cfg["repeats"] > 1 else " per method")
+    trimmed = ", malloc_trim after building" if cfg.get("trim_after_build") else ""
     lines.append(f"\nMiniLM-L6, batch {cfg['batch']} x {cfg['seq']}, {cfg['dtype']}, {cfg['steps']} steps per process, "
-                 f"{cfg['repeats']} fresh process pairs per method (median kept), MiB")
+                 f"{pairs}{trimmed}, MiB")
     return "\n".join(lines)
 
 
@@ -143,7 +145,8 @@ def _term_cells(row: dict) -> list[str]:
     held = row["xla_peak_by_term"]
     cells = [f"{held.get(k, 0) / 1e6:,.1f} / {f(row) / 1e6:,.1f}" for k, f in _FLOOR_OF.items()]
     cells += [f"{held.get(k, 0) / 1e6:,.1f}" for k in _HELD_ONLY]
-    return cells + [f"{held['total'] / 1e6:,.1f}", f"{row['xla_plan']['total'] / 1e6:,.1f}", f"{row['floor']['total'] / 1e6:,.1f}"]
+    totals = (held["total"], row["xla_plan"]["total"], row["floor"]["total"])
+    return cells + [f"{total / 1e6:,.1f}" for total in totals]
 
 
 def lean_tables(path: Path) -> str:

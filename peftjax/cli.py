@@ -1,4 +1,4 @@
-"""The ``peftjax`` command: ``train``, ``eval``, ``rank-search``, ``bench``,
+"""The ``peftjax`` command: ``train``, ``eval``, ``fisher``, ``rank-search``, ``bench``,
 ``convert-adapter`` and ``combine-adapters``."""
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from peftjax.core.adapter_io import load_adapter
     from peftjax.train.runner import build_model, load_task
     from peftjax.train.sharding import make_mesh
     from peftjax.train.tasks import evaluate, loss_and_stats
 
     config = _load(args.config, args.overrides)
     task, _ = load_task(config)
-    model = load_adapter(build_model(config, task.num_labels), args.checkpoint)
+    model = build_model(config, task.num_labels, adapter=args.checkpoint)
     loss_fn, mesh = loss_and_stats(config.data.task), make_mesh()
     scores = {}
     for split in ("eval", "test"):
@@ -48,6 +47,15 @@ def _eval(args) -> int:
             found = evaluate(model, task.eval_loader(config.train.eval_batch_size, split), loss_fn, mesh)
             scores.update({f"{split}_{k}": v for k, v in found.items()})
     print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _fisher(args) -> int:
+    from peftjax.strategies.ewc import fisher_for_config
+
+    summary = fisher_for_config(_load(args.config, args.overrides), args.checkpoint, args.out, split=args.split,
+                                examples=args.examples, labels=args.labels)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -178,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="an adapter folder (OUTPUT/best or OUTPUT/adapter)")
     evaluate.set_defaults(handler=_eval)
 
+    fisher = commands.add_parser("fisher", help="diagonal Fisher of a trained adapter on a task's data, for EWC")
+    fisher.add_argument("config", help="the experiment YAML the adapter was trained with")
+    fisher.add_argument("overrides", nargs="*")
+    fisher.add_argument("--checkpoint", required=True, help="the trained adapter folder (OUTPUT/adapter)")
+    fisher.add_argument("--out", required=True, help="the safetensors file to write (strategies: ewc.fisher)")
+    fisher.add_argument("--split", default="train", choices=("train", "eval", "test"), help="the data split")
+    fisher.add_argument("--examples", type=int, default=1000, help="the first N examples of the split")
+    fisher.add_argument("--labels", default="model", choices=("model", "empirical"),
+                        help="labels drawn from the model (the Fisher) or the data's (the empirical Fisher)")
+    fisher.set_defaults(handler=_fisher)
+
     search = commands.add_parser("rank-search", help="train LoRA at many ranks x target sets x seeds; report")
     search.add_argument("config", help="experiment YAML with one LoRA method and a 'sweep:' section")
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides (sweep.* included)")
@@ -192,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="per-method counts, XLA FLOPs and memory plan, step time")
     bench.add_argument("--model", default="bert-base", help="a preset (bert-base, llama-8b, resnet-50, ...), minilm, or a folder")
-    bench.add_argument("--methods", default="all", help="comma-separated (full,lora-r8,ia3,...) or 'all'")
+    bench.add_argument("--methods", default="all",
+                       help="comma-separated YAML method types, with settings as type:field=value "
+                            "(full,lora,lora:rank=16,ia3,bottleneck:variant=pfeiffer,...), or 'all'")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--seq", type=int, default=128, help="tokens per example (text models)")
     bench.add_argument("--image-size", type=int, default=224, help="side of the square images (image models)")

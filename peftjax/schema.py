@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import pathlib
 import types
@@ -30,6 +31,8 @@ from typing import Any, Literal
 import yaml
 
 from peftjax.errors import ConfigError
+
+logger = logging.getLogger("peftjax")
 
 
 class UnknownKeyError(ConfigError):
@@ -432,11 +435,48 @@ def _set_dotted(tree: dict[str, Any], parts: Sequence[str], value: Any, override
             raise ConfigError(f"is not a section (override {override!r})", ".".join(parts[:depth]))
 
 
+def _node(tree: Any, parts: Sequence[str]) -> Any:
+    """``tree[a][b]...`` for dotted ``parts`` (list indices as digits), or None if absent."""
+    for part in parts:
+        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        elif isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return None
+    return tree
+
+
+def _restart_retyped_entries(before: dict[str, Any], tree: dict[str, Any], keys: list[tuple[str, ...]]) -> None:
+    """An override that changes an entry's ``type`` (``methods.0.type=full``) starts that
+    entry afresh: the fields it had belong to the old type, so they are dropped, with a
+    notice, and only the fields overrides set on it stay."""
+    for key in keys:
+        if key[-1] != "type":
+            continue
+        entry, old = _node(tree, key[:-1]), _node(before, key[:-1])
+        if not isinstance(entry, dict) or not isinstance(old, dict) or old.get("type") in (None, entry.get("type")):
+            continue
+        kept = {k[len(key) - 1] for k in keys if len(k) >= len(key) and k[: len(key) - 1] == key[:-1]}
+        dropped = {name: entry.pop(name) for name in list(entry) if name not in kept}
+        if dropped:
+            where = ".".join(key[:-1])
+            again = " ".join(f"{where}.{name}={json.dumps(value)}" for name, value in dropped.items())
+            logger.warning(
+                "%s.type=%s replaces the %s entry, so its fields %s are dropped (they were %s's); to keep those "
+                "the new type also takes, override them too: %s", where, entry["type"], old["type"], list(dropped),
+                old["type"], again,
+            )
+
+
 def apply_overrides_to_tree(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    tree = thaw(tree)
+    before, tree = thaw(tree), thaw(tree)
+    keys = []
     for override in overrides:
         parts, value = parse_override(override)
         _set_dotted(tree, parts, value, override)
+        keys.append(parts)
+    _restart_retyped_entries(before, tree, keys)
     return tree
 
 

@@ -16,3 +16,12 @@ class AdapterBuffer(nnx.Variable):
     """State a PEFT method added that never trains (e.g. VeRA's shared random
     projections, QLoRA's quantised base kernel). Not a parameter: it is not
     counted as one and the optimizer never sees it."""
+
+
+class FixedBuffer(nnx.Variable):
+    """Arrays a training strategy holds fixed for a whole run (L2-SP's starting
+    point, EWC's Fisher information and anchor). A train state keeps them with
+    the frozen parameters: passed to every step without being returned or
+    copied, never written to checkpoints (the strategy's ``setup`` builds them
+    again on ``--resume``), and an array shared with a parameter stays one
+    buffer."""

@@ -69,6 +69,7 @@ def files(tmp_path_factory) -> dict[str, Any]:
         "no_label_column.tsv": GOOD_ROWS.replace("label", "sentiment"),
         "missing_label.tsv": "sentence\tlabel\na fine film\t1\na dull film\t\n",
         "unseen_label.tsv": "sentence\tlabel\nodd\t7\n",
+        "rows.dat": "a fine film 1\n",
         "rows.txt": "a fine film 1\n",
     }
     for name, text in texts.items():
@@ -139,14 +140,15 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "empty data file": (["train", "{config}", *data("empty.tsv")], r"empty\.tsv is empty"),
     "header-only data file": (["train", "{config}", *data("header_only.tsv")], r"header_only\.tsv has a header line but no rows"),
     "latin-1 data file": (["train", "{config}", *data("latin1.tsv")], r"latin1\.tsv is not UTF-8 text: line 2, byte 18 \(0xe9\); re-save it as UTF-8"),
-    "data file of unknown format": (["train", "{config}", *data("rows.txt")], r"rows\.txt.*data\.format"),
+    "data file of unknown format": (["train", "{config}", *data("rows.dat")], r"rows\.dat.*data\.format"),
+    "plain text for a classifier": (["train", "{config}", *data("rows.txt")], r"rows\.txt is plain text.*data\.task: causal_lm"),
     "missing label column": (["train", "{config}", *data("no_label_column.tsv")], r"column 'label' \(data\.label_column\) not found in .*no_label_column\.tsv"),
     "missing text column": (["train", "{config}", *data(**{"data.text_columns": "[review]"})], r"review"),
     "a row without a label": (["train", "{config}", *data("missing_label.tsv")], r"row 1 of .*missing_label\.tsv column 'label' has no label"),
     "labels unseen in training": (["train", "{config}", *data(**{"data.test_split": "unseen_label.tsv"})],
                                   r"unseen_label\.tsv column 'label' has labels \[7\] that the training split lacks"),
     "unknown synthetic task": (["train", "{config}", "data.source=synthetic:nonsense"], r"data\.source: unknown synthetic task 'nonsense'"),
-    "tokenizer folder missing": (["train", "{config}", *data(**{"model.tokenizer": "{root}/no_tokenizer"})], r"model\.tokenizer='.*no_tokenizer': tokenizer folder not found"),
+    "tokenizer folder missing": (["train", "{config}", *data(**{"model.tokenizer": "{root}/no_tokenizer"})], r"model\.tokenizer='.*no_tokenizer': tokenizer folder .*not found"),
     # output folders and devices
     "unwritable output folder": (["train", "{config}", "output_dir=/proc/peftjax-out"], r"output_dir '/proc/peftjax-out' is not writable"),
     "--fsdp larger than the device count": (["train", "{config}", "--fsdp", "3"], r"--fsdp 3: must divide the number of devices \(1"),

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # N random `kill -9`s during one training run, each followed by the same `peftjax train ... --resume`
-# command line, then the run to its end; then one uninterrupted run of the same config, and a
+# command line, then the run to its end; beside it, one uninterrupted run of the same config; then a
 # bitwise comparison of the two final adapters, best adapters and logged losses.
 #
 #   N=20 nice -n 10 bash benchmarks/reliability/kill_resume.sh
 #
 # A kill comes at a random moment: one in four at 1-15 s after the start (set-up, compilation, the
-# first steps), the others 0-6 s after the restarted run has logged a new step (in training,
-# checkpointing or evaluating). Writes benchmarks/reliability/results/kill_resume.{jsonl,json}.
+# first steps), the others 0-0.9 s after the restarted run has logged a step 1-6 steps past the
+# last one logged before (in training, checkpointing or evaluating). Writes
+# benchmarks/reliability/results/kill_resume.{jsonl,json}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${N:-20}
@@ -19,17 +20,16 @@ OUT=benchmarks/reliability/results
 KILLED=$RUNS/killed
 WHOLE=$RUNS/uninterrupted
 mkdir -p "$OUT" "$RUNS"
-rm -rf "$KILLED" "$WHOLE"
+rm -rf "$KILLED" "$WHOLE" "$RUNS/uninterrupted.done"
 EVENTS=$OUT/kill_resume.jsonl
 : > "$EVENTS"
 RANDOM=$SEED
 export HF_HUB_OFFLINE=1
-# Every restart compiles the same programs: a persistent compilation cache (fresh for this script)
-# and LLVM's -O0, as `make test` uses them, keep restarts short. Both runs use the same executables.
+# Every restart compiles the same programs: a persistent compilation cache (in $RUNS) and LLVM's
+# -O0, as `make test` uses them, keep restarts short. Both runs use the same executables.
 export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}"
 export JAX_COMPILATION_CACHE_DIR=$RUNS/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-rm -rf "$JAX_COMPILATION_CACHE_DIR"
 train() { "$PYTHON" -m peftjax.cli train "$CONFIG" "output_dir=$1" --quiet "${@:2}"; }
 last_step() { [ -s "$KILLED/metrics.jsonl" ] && tail -n 1 "$KILLED/metrics.jsonl" | "$PYTHON" -c \
     'import json,sys
@@ -39,6 +39,10 @@ checkpoints() { ls "$KILLED/checkpoints" 2>/dev/null | tr '\n' ' '; }
 
 started_all=$(date +%s)
 echo "before: $(uptime)" > "$OUT/kill_resume.uptime"
+# The uninterrupted run, beside the killed one: it shares no files with it.
+( started=$(date +%s); train "$WHOLE" > "$RUNS/uninterrupted.log" 2>&1; echo $? $(( $(date +%s) - started )) \
+    > "$RUNS/uninterrupted.done" ) &
+whole_pid=$!
 kills=0
 while [ "$kills" -lt "$N" ]; do
     before=$(last_step)
@@ -51,8 +55,9 @@ while [ "$kills" -lt "$N" ]; do
         sleep "$((1 + RANDOM % 15)).$((RANDOM % 10))"
     else
         mode=training
-        while [ "$(last_step)" -le "$before" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-        sleep "$((RANDOM % 6)).$((RANDOM % 10))"
+        target=$((before + RANDOM % 6))
+        while [ "$(last_step)" -le "$target" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        sleep "0.$((RANDOM % 10))"
     fi
     if ! kill -0 "$pid" 2>/dev/null; then
         wait "$pid" || true
@@ -70,9 +75,9 @@ while [ "$kills" -lt "$N" ]; do
 done
 train "$KILLED" --resume > "$RUNS/final.log" 2>&1
 killed_s=$(( $(date +%s) - started_all ))
-started=$(date +%s)
-train "$WHOLE" > "$RUNS/uninterrupted.log" 2>&1
-whole_s=$(( $(date +%s) - started ))
+wait "$whole_pid"
+read -r whole_rc whole_s < "$RUNS/uninterrupted.done"
+[ "$whole_rc" -eq 0 ] || { echo "the uninterrupted run failed; see $RUNS/uninterrupted.log" >&2; exit 1; }
 echo "after:  $(uptime)" >> "$OUT/kill_resume.uptime"
 
 "$PYTHON" - "$KILLED" "$WHOLE" "$EVENTS" "$OUT/kill_resume.json" "$kills" "$killed_s" "$whole_s" <<'PY'

@@ -1,16 +1,23 @@
 """The benchmark's method names and the configs they stand for, per model family.
 
-One table, so every benchmark (CLI, scripts, tests) compares the same things:
-a name such as ``lora-r8`` means LoRA(r=8, alpha=2r) on the family's
-attention query and value projections, the choice of the LoRA paper and HF
-PEFT's defaults for BERT and Llama. ``lora-rN`` works for any N. ``qlora`` quantises
-the layers it adapts, so on query and value alone it saves little;
-``qlora-all-linear`` is the QLoRA paper's setting (every linear layer but the head
-in NF4 with a rank-8 adapter), and ``lora-all-linear`` the same adapters over a
-full-precision base, its baseline. A method that
-does not apply to a model (BitFit on Llama, which has no biases; a linear
-probe on a causal LM whose head is tied to the embeddings) is reported as
-skipped with the reason, not silently dropped.
+A benchmark method is named as YAML names it: the method's ``type``
+(``lora``, ``prefix_tuning``, ``bottleneck``, ...), optionally followed by
+settings that change the benchmark's default config for that type,
+``type:field=value[:field=value]`` (``lora:rank=16``,
+``bottleneck:variant=pfeiffer``, ``qlora:targets=all-linear``; values are read
+as YAML scalars, and a LoRA-type ``rank`` without ``alpha`` keeps alpha = 2r).
+One table of defaults, so every benchmark (CLI, scripts, tests) compares the
+same things: ``lora`` means LoRA(r=8, alpha=16) on the family's attention query
+and value projections, the choice of the LoRA paper and HF PEFT's defaults for
+BERT and Llama. ``qlora`` quantises the layers it adapts, so on query and value
+alone it saves little; ``qlora:targets=all-linear`` is the QLoRA paper's setting
+(every linear layer but the head in NF4 with a rank-8 adapter), and
+``lora:targets=all-linear`` the same adapters over a full-precision base, its
+baseline. The names the benchmark used before (``lora-r8``, ``houlsby``,
+``prefix``, ...) are still accepted, with a notice. A method that does not
+apply to a model (BitFit on Llama, which has no biases; a linear probe on a
+causal LM whose head is tied to the embeddings) is reported as skipped with the
+reason, not silently dropped.
 
 Convolutional families (ResNet) have no attention: there, only the methods
 that select parameters apply (``full``, ``linear_probe``, ``bitfit`` on the
@@ -21,23 +28,16 @@ others are reported as skipped.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import re
 from collections.abc import Callable
+from typing import Any
+
+import yaml
 
 from peftjax.errors import BenchError
-from peftjax.methods.base import MethodConfig
-from peftjax.methods.bitfit import BitFitConfig
-from peftjax.methods.bottleneck import BottleneckConfig
-from peftjax.methods.dora import DoraConfig
-from peftjax.methods.full import FullFineTuningConfig
-from peftjax.methods.ia3 import IA3Config
-from peftjax.methods.linear_probe import LinearProbeConfig
-from peftjax.methods.ln_tuning import LNTuningConfig
-from peftjax.methods.lora import LoraConfig
-from peftjax.methods.prefix_tuning import PrefixTuningConfig
-from peftjax.methods.prompt_tuning import PromptTuningConfig
-from peftjax.methods.qlora import QLoraConfig
-from peftjax.methods.vera import VeraConfig
+from peftjax.methods.base import MethodConfig, config_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,60 +68,98 @@ FAMILY_TARGETS["mistral"] = FAMILY_TARGETS["qwen2"] = FAMILY_TARGETS["llama"]
 CONV_FAMILIES = ("resnet",)
 _SELECTION_METHODS = ("full", "linear_probe", "bitfit", "ln_tuning")
 
-# Name -> config factory given the family's targets. LoRA-type methods use alpha = 2r (s = 2), HF PEFT's usual pairing.
-_FIXED: dict[str, Callable[[FamilyTargets], MethodConfig]] = {
-    "full": lambda t: FullFineTuningConfig(),
-    "linear_probe": lambda t: LinearProbeConfig(),
-    "dora": lambda t: DoraConfig(rank=8, alpha=16.0, targets=t.attention_qv),
-    "ia3": lambda t: IA3Config(targets=t.ia3_targets, feedforward=t.ia3_feedforward),
-    "houlsby": lambda t: BottleneckConfig(variant="houlsby"),
-    "pfeiffer": lambda t: BottleneckConfig(variant="pfeiffer"),
-    "parallel": lambda t: BottleneckConfig(variant="parallel"),
-    "prompt": lambda t: PromptTuningConfig(num_virtual_tokens=20),
-    "prefix": lambda t: PrefixTuningConfig(num_virtual_tokens=20),
-    "vera": lambda t: VeraConfig(rank=256, targets=t.attention_qv),
-    "qlora": lambda t: QLoraConfig(rank=8, alpha=16.0, targets=t.attention_qv),
-    "lora-all-linear": lambda t: LoraConfig(rank=8, alpha=16.0, targets="all-linear"),
-    "qlora-all-linear": lambda t: QLoraConfig(rank=8, alpha=16.0, targets="all-linear"),
-    "bitfit": lambda t: BitFitConfig(),
-    "ln_tuning": lambda t: LNTuningConfig(),
+# Type -> the benchmark's default settings on a family with targets ``t`` (YAML form).
+# LoRA-type methods use alpha = 2r (s = 2), HF PEFT's usual pairing.
+_DEFAULTS: dict[str, Callable[[FamilyTargets | None], dict[str, Any]]] = {
+    "full": lambda t: {},
+    "linear_probe": lambda t: {},
+    "lora": lambda t: {"rank": 8, "alpha": 16.0, "targets": t.attention_qv},
+    "dora": lambda t: {"rank": 8, "alpha": 16.0, "targets": t.attention_qv},
+    "qlora": lambda t: {"rank": 8, "alpha": 16.0, "targets": t.attention_qv},
+    "vera": lambda t: {"rank": 256, "targets": t.attention_qv},
+    "ia3": lambda t: {"targets": t.ia3_targets, "feedforward": t.ia3_feedforward},
+    "bottleneck": lambda t: {"variant": "houlsby"},
+    "prompt_tuning": lambda t: {"num_virtual_tokens": 20},
+    "prefix_tuning": lambda t: {"num_virtual_tokens": 20},
+    "bitfit": lambda t: {},
+    "ln_tuning": lambda t: {},
 }
-_LORA = re.compile(r"lora-r(\d+)")
+_ALPHA_FOLLOWS_RANK = ("lora", "dora", "qlora")
+# The names the benchmark used before it spoke YAML's.
+_OLD_NAMES = {
+    "houlsby": "bottleneck",
+    "pfeiffer": "bottleneck:variant=pfeiffer",
+    "parallel": "bottleneck:variant=parallel",
+    "prompt": "prompt_tuning",
+    "prefix": "prefix_tuning",
+    "lora-all-linear": "lora:targets=all-linear",
+    "qlora-all-linear": "qlora:targets=all-linear",
+}
+_OLD_LORA = re.compile(r"lora-r(\d+)")
 
 ALL_METHODS = (
-    "full", "linear_probe", "lora-r4", "lora-r8", "lora-r16", "dora", "ia3", "houlsby", "pfeiffer", "parallel",
-    "prompt", "prefix", "vera", "qlora", "bitfit", "ln_tuning",
+    "full", "linear_probe", "lora:rank=4", "lora", "lora:rank=16", "dora", "ia3", "bottleneck",
+    "bottleneck:variant=pfeiffer", "bottleneck:variant=parallel", "prompt_tuning", "prefix_tuning", "vera", "qlora",
+    "bitfit", "ln_tuning",
 )  # fmt: skip
+logger = logging.getLogger("peftjax")
+
+
+def _parse(name: str) -> tuple[str, dict[str, Any]]:
+    """``"lora:rank=4"`` -> ``("lora", {"rank": 4})``; raises naming the known types."""
+    kind, *settings = name.split(":")
+    if kind not in _DEFAULTS:
+        close = difflib.get_close_matches(kind, [*_DEFAULTS, *_OLD_NAMES], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BenchError(
+            f"unknown benchmark method {name!r}.{hint} Methods are YAML method types ({', '.join(_DEFAULTS)}), "
+            "optionally with settings: type:field=value (lora:rank=16, bottleneck:variant=pfeiffer)"
+        )
+    parsed = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise BenchError(f"benchmark method {name!r}: {setting!r} is not field=value")
+        parsed[key] = yaml.safe_load(value)
+    return kind, parsed
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as YAML spells it; an old benchmark name is translated with a notice."""
+    old = _OLD_LORA.fullmatch(name)
+    new = _OLD_NAMES.get(name) or (None if old is None else "lora" if old.group(1) == "8" else f"lora:rank={old.group(1)}")
+    if new is None:
+        _parse(name)
+        return name
+    logger.warning("benchmark method %r is spelled %r now, as YAML names it (the old name still works)", name, new)
+    return new
 
 
 def method_names(spec: str) -> list[str]:
-    """``"all"`` or a comma-separated list, checked against the table."""
+    """``"all"`` or a comma-separated list, checked against the table and spelled as YAML spells them."""
     names = list(ALL_METHODS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in _FIXED and not _LORA.fullmatch(n)]
-    if unknown or not names:
-        raise BenchError(f"unknown benchmark method(s) {unknown}; known: {sorted(_FIXED)} and lora-rN (e.g. lora-r8)")
-    return names
+    if not names:
+        raise BenchError(f"no benchmark method given; methods are YAML method types: {', '.join(_DEFAULTS)}")
+    return [canonical_name(name) for name in names]
 
 
 def method_config(name: str, model_type: str) -> MethodConfig:
     """The config ``name`` stands for on a model of ``model_type`` (``model.config.model_type``)."""
+    kind, settings = _parse(canonical_name(name))
     if model_type in CONV_FAMILIES:
-        method_names(name)  # raises with the list of known names
-        if name not in _SELECTION_METHODS:
+        if kind not in _SELECTION_METHODS:
             raise BenchError(
                 f"{name} adapts transformer parts (attention, linear projections, token inputs); a {model_type} has "
                 f"convolutions and one linear head, so the benchmark runs {', '.join(_SELECTION_METHODS)} on it"
             )
-        return _FIXED[name](None)
-    if model_type not in FAMILY_TARGETS:
+        targets = None
+    elif model_type not in FAMILY_TARGETS:
         raise BenchError(
             f"no benchmark targets for model_type {model_type!r}; known: {sorted([*FAMILY_TARGETS, *CONV_FAMILIES])}"
         )
-    targets = FAMILY_TARGETS[model_type]
-    lora = _LORA.fullmatch(name)
-    if lora:
-        rank = int(lora.group(1))
-        return LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets.attention_qv)
-    if name not in _FIXED:
-        method_names(name)  # raises with the list of known names
-    return _FIXED[name](targets)
+    else:
+        targets = FAMILY_TARGETS[model_type]
+    fields = _DEFAULTS[kind](targets)
+    if kind in _ALPHA_FOLLOWS_RANK and "rank" in settings and "alpha" not in settings:
+        settings["alpha"] = 2.0 * settings["rank"]
+    return config_from_dict({"type": kind, **fields, **settings})

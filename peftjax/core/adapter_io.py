@@ -37,6 +37,7 @@ from peftjax.core import hf_peft
 from peftjax.core.batch_stats import adapter_statistics, record_updated
 from peftjax.core.inject import DEFAULT_ADAPTER, applied_methods, apply
 from peftjax.core.labels import param_labels
+from peftjax.core.new_head import new_head
 from peftjax.core.paths import dotted
 from peftjax.errors import AdapterError, PeftError
 from peftjax.methods.base import FROZEN, config_from_dict
@@ -184,15 +185,33 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
-def _own_slots(model: nnx.Module, arrays) -> dict[str, hf_peft.Slot]:
+def _own_slots(model: nnx.Module, arrays, head_paths: set[str]) -> dict[str, hf_peft.Slot]:
     """peftjax's layout: each variable as it is, by dotted path; besides the
-    required ones, the statistics of frozen batch norms a train state updated."""
+    required ones, the statistics of frozen batch norms a train state updated
+    and a frozen new head, when the file holds them."""
     same = lambda array: array  # noqa: E731
     variables = adapter_variables(model)
-    variables.update(
-        {dotted(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.BatchStat) and dotted(p) in arrays}
-    )
+    variables.update({
+        dotted(p): v for p, v in nnx.iter_graph(model)
+        if (isinstance(v, nnx.BatchStat) or (isinstance(v, nnx.Param) and dotted(p) in head_paths))
+        and dotted(p) in arrays
+    })  # fmt: skip
     return {k: hf_peft.Slot(v, tuple(v.get_value().shape), same, same) for k, v in variables.items()}
+
+
+def _misfit_hint(model: nnx.Module, missing: list[str], unexpected: list[str]) -> str:
+    """Why an adapter may not fit: a head trained or not, a model with another head."""
+    head = new_head(model)
+    if head is not None and head.trains and set(head.paths) & set(missing):
+        return (" The model's new head is not in the file: the adapter was trained with the head frozen. "
+                "Load the base with freeze_new_head=True (model.freeze_new_head: true) and the same seed.")
+    params = {dotted(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    roots = sorted({name.split(".", 1)[0] for name in unexpected})
+    if unexpected and not {name.split(".", 1)[0] for name in params} & set(roots):
+        return (f" The file's paths start with {roots} and this {type(model).__name__}'s do not: the adapter was "
+                "trained on another model, or on this one with a task head; load the base with the task it was "
+                "trained with (task='classification', 'causal_lm', ...; num_labels=N).")
+    return " Load it onto the base model it was trained on."
 
 
 def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: str | None = None) -> nnx.Module:
@@ -202,8 +221,18 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     ``adapter_name``; "default" if not given). Everything is checked on an
     abstract copy first, so a file that does not fit raises and leaves
     ``model`` as it was. Batch norms whose statistics the file holds are
-    recorded as changed, so that saving ``model`` again keeps them."""
+    recorded as changed, so that saving ``model`` again keeps them. A new head
+    (see ``peftjax.core.new_head``) the file holds is filled in whether it
+    trains on ``model`` or not."""
+    fill_adapter(model, path, adapter_name=adapter_name)
+    return model
+
+
+def fill_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: str | None = None) -> set[str]:
+    """``load_adapter``, returning the dotted paths of the variables it filled."""
     path = Path(path)
+    head = new_head(model)
+    head_paths = set(head.paths) if head is not None else set()
     config, arrays = _read(path)
     if "peft_type" in config:
         name = adapter_name or DEFAULT_ADAPTER
@@ -212,7 +241,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
         copies_of = lambda abstract: hf_peft.base_copies(abstract, model, name)  # noqa: E731
     else:
         methods = _methods(config, path / CONFIG_FILE, adapter_name)
-        slots_of = lambda m: _own_slots(m, arrays)  # noqa: E731
+        slots_of = lambda m: _own_slots(m, arrays, head_paths)  # noqa: E731
         copies_of = lambda abstract: {}  # noqa: E731
     try:
         abstract = nnx.eval_shape(lambda m: _attach(m, methods), model)
@@ -225,7 +254,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     if missing or unexpected or wrong:
         raise AdapterError(
             f"adapter at {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {wrong[:5]}. Load it onto the base model it was trained on."
+            f"shape mismatches {wrong[:5]}." + _misfit_hint(model, missing, unexpected)
         )
     replaced = [k for k in sorted(copies.keys() & arrays.keys())
                 if not np.array_equal(arrays[k].astype(copies[k].dtype), copies[k])]
@@ -240,4 +269,5 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
         slot.variable[...] = jax.numpy.asarray(slot.from_file(arrays[key]), dtype=slot.variable.dtype)
     statistics = {key for key, slot in slots.items() if isinstance(slot.variable, nnx.BatchStat)}
     record_updated(model, {key.rpartition(".")[0] for key in statistics})
-    return model
+    filled = {id(slot.variable) for slot in slots.values()}
+    return {dotted(p) for p, v in nnx.iter_graph(model) if id(v) in filled}

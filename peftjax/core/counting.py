@@ -10,6 +10,7 @@ from flax import nnx
 
 from peftjax.core.inject import iter_wrappers
 from peftjax.core.labels import param_labels
+from peftjax.core.new_head import new_head
 from peftjax.core.paths import dotted
 from peftjax.methods.base import FROZEN
 
@@ -90,5 +91,13 @@ def summary(model: nnx.Module, labels: dict[str, str] | None = None) -> str:
     if by_adapter:
         lines += ["", f"{'adapter (wrapper)':<{width}} {'trainable':>14} {'modules':>14}"]
         lines += [f"{k:<{width}} {t:>14,} {n:>14,}" for k, (t, n) in by_adapter.items()]
+    head = new_head(model)
+    if head is not None:
+        present = [p for p in head.paths if p in sizes]
+        trains = [p for p in present if labels[p] != FROZEN]
+        state = "trains" if trains else "frozen"
+        lines += ["", f"new head (not in the checkpoint, {state}): {', '.join(present)} "
+                  f"({sum(sizes[p] for p in present):,} params"
+                  + ("; freeze_new_head=True freezes it)" if trains else ")")]
     lines += ["", count_params(model, labels).line()]
     return "\n".join(lines)

@@ -33,10 +33,11 @@ import numpy as np
 from flax import nnx
 
 from peftjax.core.inject import applied_methods, iter_wrappers
+from peftjax.core.new_head import new_head
 from peftjax.core.paths import ALL_LINEAR, Targets, dotted, matches
 from peftjax.errors import PeftError
 from peftjax.methods.base import AdapterWrapper, MethodConfig, registered_methods
-from peftjax.models.loading import checkpoint_names, to_model_layout, to_torch_layout, to_torch_shape
+from peftjax.models.layouts import checkpoint_names, to_model_layout, to_torch_layout, to_torch_shape
 from peftjax.variables import AdapterParam
 
 PREFIX = "base_model.model."
@@ -104,15 +105,18 @@ def _only_adapter(model: nnx.Module) -> tuple[str, MethodConfig]:
 
 
 def _trained_base_params(model: nnx.Module, config: MethodConfig) -> dict[tuple, tuple[str, str, str]]:
-    """``{path: (owner module path, checkpoint leaf name, layout)}`` of the base parameters ``also_train`` trains."""
-    if not config.also_train:
+    """``{path: (owner module path, checkpoint leaf name, layout)}`` of the base parameters
+    that train: those ``also_train`` chooses, and a new head that trains (``peftjax.core.new_head``)."""
+    head = new_head(model)
+    head_paths = set(head.paths) if head is not None and head.trains else set()
+    if not config.also_train and not head_paths:
         return {}
     wrapped = [p + "." for p, _ in iter_wrappers(model)]
     chosen = [
         path for path, v in nnx.iter_graph(model)
         if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam)
         and not any(dotted(path).startswith(w) for w in wrapped)
-        and any(re.fullmatch(p, dotted(path)) for p in config.also_train)
+        and (dotted(path) in head_paths or any(re.fullmatch(p, dotted(path)) for p in config.also_train))
     ]  # fmt: skip
     names, _ = checkpoint_names(model)
     unmapped = [dotted(p) for p in chosen if tuple(p) not in names]

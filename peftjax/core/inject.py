@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from flax import nnx
 
 from peftjax.core.kernels import SUPPORTED_LAYERS
-from peftjax.core.paths import ALL_LINEAR, dotted, matches, suggest
+from peftjax.core.paths import ALL_LINEAR, dotted, matches, suggest, unmatched
 from peftjax.errors import PeftError
 from peftjax.methods.base import AdapterWrapper, MethodConfig
 from peftjax.points import InsertionPoint
@@ -70,6 +70,13 @@ def _select(model: nnx.Module, config: MethodConfig) -> list[tuple[tuple, nnx.Mo
             and not heads.intersection(str(k) for k in p)
         ]
     else:
+        paths = [dotted(p) for p, _ in candidates]
+        missed = unmatched(config.targets, paths)
+        if missed and len(missed) < len(config.targets):  # a typo in one name would drop that module silently
+            raise PeftError(
+                f"{type(config).__name__}.targets: {missed} match no module of this {type(model).__name__} "
+                f"(the other entries do). Every entry must name a module." + suggest(missed, paths)
+            )
         chosen = [(p, m) for p, m in candidates if matches(dotted(p), config.targets)]
     chosen = [(p, m) for p, m in chosen if not (config.exclude and matches(dotted(p), config.exclude))]
     if not chosen:
@@ -164,13 +171,28 @@ def apply(
     return model
 
 
-def merge(model: nnx.Module) -> nnx.Module:
-    """Fold every active adapter into its base kernel: zero inference overhead.
+def merge(model: nnx.Module, adapter_name: str | None = None) -> nnx.Module:
+    """Fold adapters into their base kernels: zero inference overhead.
 
-    Raises ``PeftError`` before changing anything if an active adapter's method
-    cannot merge (prompt tuning, bottleneck adapters).
+    With ``adapter_name=None``, every *active* adapter merges (the ones the
+    forward pass runs, see ``set_active_adapters``); inactive adapters stay as
+    they are. With a name, that adapter alone merges, and it must be active
+    (an inactive adapter does not compute, so folding it in would change the
+    output). Merging an adapter already merged changes nothing; ``unmerge``
+    undoes it.
+
+    Raises ``PeftError`` before changing anything if the name is unknown or
+    inactive, or an adapter to merge has no merged form (prompt tuning,
+    bottleneck adapters).
     """
     wrappers = [(p, w) for p, w in iter_wrappers(model) if w.active and not w.merged]
+    if adapter_name is not None:
+        _check_names(model, [adapter_name])
+        inactive = [p for p, w in iter_wrappers(model) if w.adapter_name == adapter_name and not w.active]
+        if inactive:
+            raise PeftError(f"adapter {adapter_name!r} is inactive (e.g. at {inactive[0]}); "
+                            f"set_active_adapters(model, {adapter_name!r}) first")
+        wrappers = [(p, w) for p, w in wrappers if w.adapter_name == adapter_name]
     blocked = [f"{p} ({type(w).__name__})" for p, w in wrappers if not w.mergeable()]
     if blocked:
         raise PeftError(f"cannot merge: these adapters have no merged form: {blocked}. Disable them first.")
@@ -179,10 +201,13 @@ def merge(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def unmerge(model: nnx.Module) -> nnx.Module:
-    """Undo :func:`merge`, restoring every base kernel."""
+def unmerge(model: nnx.Module, adapter_name: str | None = None) -> nnx.Module:
+    """Undo :func:`merge`, restoring the base kernels (of adapter ``adapter_name`` alone, if given)."""
+    if adapter_name is not None:
+        _check_names(model, [adapter_name])
     for _, wrapper in reversed(list(iter_wrappers(model))):
-        wrapper.unmerge()
+        if adapter_name is None or wrapper.adapter_name == adapter_name:
+            wrapper.unmerge()
     return model
 
 

@@ -37,6 +37,13 @@ def matches(path: str, targets: Targets) -> bool:
     return any(path == name or path.endswith("." + name) for name in targets)
 
 
+def unmatched(targets: Targets, paths: Sequence[str]) -> list[str]:
+    """The entries of a list of names that match none of ``paths`` (always [] for a regex)."""
+    if isinstance(targets, str):
+        return []
+    return [name for name in targets if not any(matches(path, (name,)) for path in paths)]
+
+
 def validate_targets(targets: Targets, field: str) -> Targets:
     """Normalise ``targets`` to a string or a tuple and check it can be used.
 
@@ -59,11 +66,16 @@ def validate_targets(targets: Targets, field: str) -> Targets:
     return targets
 
 
+def _suffixes(paths: Sequence[str], parts: int) -> list[str]:
+    """The distinct last ``parts`` components of ``paths`` (``output.dense`` for 2)."""
+    return sorted({".".join(p.split(".")[-parts:]) for p in paths if p.count(".") + 1 >= parts})
+
+
 def suggest(wanted: Targets, paths: Sequence[str], limit: int = 8) -> str:
     """A short hint for a selection that matched nothing: close names and some paths."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths if not p.rsplit(".", 1)[-1].isdigit()})
     words = [wanted] if isinstance(wanted, str) else list(wanted)
-    close = sorted({c for w in words for c in difflib.get_close_matches(w.rsplit(".", 1)[-1], names, n=3)})
+    close = sorted({c for w in words for c in difflib.get_close_matches(w, _suffixes(paths, w.count(".") + 1), n=3)})
     if isinstance(wanted, str):
         hint = f" A regex must match the whole dotted path, e.g. {'.*' + wanted!r}, or give a list of names."
     else:

@@ -16,6 +16,8 @@ from peftjax.data.examples import ImageExamples, TaskData
 from peftjax.data.shared import missing_file_error
 from peftjax.data.sources import SPLITS, local_split_path, select_rows, source_kind
 
+# What ``load_data`` uses when data.image_size is null and no runner filled in the model's.
+FALLBACK_IMAGE_SIZE = 224
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -90,7 +92,8 @@ def load_image_task(config: DataConfig) -> TaskData:
         if path is None:
             continue
         examples, names = load_image_folder(
-            path, image_size=config.image_size, mean=config.image_mean, std=config.image_std, class_names=class_names
+            path, image_size=config.image_size or FALLBACK_IMAGE_SIZE, mean=config.image_mean or (0.5, 0.5, 0.5),
+            std=config.image_std or (0.5, 0.5, 0.5), class_names=class_names,
         )
         class_names = class_names or names
         rows = select_rows(len(examples), limits[split], config.row_selection, config.row_seed)

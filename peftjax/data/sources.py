@@ -1,6 +1,7 @@
 """Where a config's data is, and reading its splits as tables before tokenisation.
 
-Sources are local files (csv/tsv/json/jsonl/parquet, through ``datasets``),
+Sources are local files (csv/tsv/json/jsonl/parquet through ``datasets``, and
+plain ``.txt`` for causal LM: one text per non-empty line, column ``text``),
 ``shared:REL`` (the shared data folder), ``hub:NAME`` (a Hugging Face hub
 dataset, from the local cache when offline) and ``synthetic:NAME`` (built in).
 Every reader returns a :class:`_Table` so the loader does not care which it was.
@@ -25,7 +26,9 @@ from peftjax.data.shared import missing_file_error, shared_data_dir
 from peftjax.data.synthetic import SYNTHETIC_TASKS, synthetic_sentiment
 
 SPLITS = ("train", "eval", "test")
-_TEXT_SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+_TEXT_SUFFIXES = {
+    ".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt",
+}
 
 
 def source_kind(source: str) -> tuple[str, str]:
@@ -167,8 +170,24 @@ def _file_format(config: DataConfig, path: pathlib.Path) -> str:
         return config.format
     suffix = path.suffix.lower()
     if suffix not in _TEXT_SUFFIXES:
-        raise DataError(f"cannot tell the format of {path} from its extension; set data.format (csv, tsv, ...)")
+        raise DataError(f"cannot tell the format of {path} from its extension; set data.format (csv, tsv, txt, ...)")
     return _TEXT_SUFFIXES[suffix]
+
+
+def _read_text_lines(config: DataConfig, path: pathlib.Path) -> _Table:
+    """A plain text file: one example per non-empty line, in a column ``text``."""
+    if config.task != "causal_lm":
+        raise DataError(f"{path} is plain text (one text per line, no labels): data for data.task: causal_lm. "
+                        f"{config.task} needs a label column: use csv, tsv, json, jsonl or parquet")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise DataError(f"could not read {path} as UTF-8 text: {error}") from None
+
+    def read(name: str, rows: np.ndarray | None) -> list[Any]:
+        return lines if rows is None else [lines[i] for i in rows]
+
+    return _Table(str(path), len(lines), ["text"], read, lambda column: None)
 
 
 def _check_text_file(path: pathlib.Path, file_format: str) -> None:
@@ -205,6 +224,8 @@ def _read_local_table(config: DataConfig, path: pathlib.Path) -> _Table:
     file_format = _file_format(config, path)
     if file_format != "parquet":
         _check_text_file(path, file_format)
+    if file_format == "txt":
+        return _read_text_lines(config, path)
     if file_format in ("csv", "tsv"):
         # keep_default_na=False: a sentence such as "null" or "NA" stays text.
         builder, options = "csv", {"keep_default_na": False}
@@ -242,7 +263,7 @@ def _read_synthetic_table(name: str, split: str) -> _Table:
     if name not in SYNTHETIC_TASKS:
         raise DataError(f"data.source: unknown synthetic task {name!r}; built in: {list(SYNTHETIC_TASKS)}")
     texts, labels = synthetic_sentiment(split)
-    values = {"sentence": texts, "label": labels}
+    values = {"sentence": texts, "text": texts, "label": labels}  # "text": the causal-LM default column
 
     def read(column: str, rows: np.ndarray | None) -> list[Any]:
         data = values[column]

@@ -27,13 +27,19 @@ class Tokenizer(Protocol):
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """A tokenizer from a local folder (tokenizer.json / vocab files) with AutoTokenizer.
+    """A tokenizer from a local folder (tokenizer.json / vocab files) with AutoTokenizer,
+    or the tokenizer of a model name (``minilm``, ``bert-tiny``, ...: see
+    :mod:`peftjax.models.names`).
 
     Only local folders: runs and tests must not download.
     """
+    from peftjax.models.names import packaged_checkpoint, preset_tokenizer
+
     folder = pathlib.Path(path).expanduser()
     if not folder.is_dir():
-        raise missing_file_error(folder, "tokenizer folder")
+        folder = packaged_checkpoint(str(path)) or preset_tokenizer(str(path)) or folder
+    if not folder.is_dir():
+        raise missing_file_error(folder, "tokenizer folder (or a model name with a tokenizer: minilm, bert-tiny, ...)")
     from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
     try:

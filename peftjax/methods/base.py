@@ -94,8 +94,9 @@ def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        hints = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
-        raise PeftError(f"{cls.__name__} has no field(s) {unknown} (close: {hints}); fields: {sorted(fields)}")
+        close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        hints = "".join(f" {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise PeftError(f"{cls.__name__} has no field(s) {unknown}.{hints} Its fields: {sorted(fields)}")
     return cls(**data)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from flax import nnx
 
-from peftjax.core.paths import ALL_LINEAR, dotted, matches
+from peftjax.core.paths import ALL_LINEAR, dotted, matches, suggest, unmatched
 from peftjax.errors import PeftError
 from peftjax.methods.base import LabelRule, MethodConfig
 
@@ -70,6 +70,12 @@ class ParamSelectionConfig(MethodConfig):
         return type(self).__name__
 
     def label_rules(self, model: nnx.Module) -> list[LabelRule]:
+        if self.targets is not None:
+            paths = [dotted(path) for path, _ in nnx.iter_modules(model) if path]
+            missed = unmatched(self.targets, paths)
+            if missed:
+                raise PeftError(f"{type(self).__name__}.targets: {missed} match no module of this "
+                                f"{type(model).__name__}; every entry must name a module." + suggest(missed, paths))
         selected = self.selected_params(model)
         if not selected:
             scope = (

@@ -22,6 +22,7 @@ from peftjax.models import registry
 from peftjax.models.bert import BertConfig
 from peftjax.models.errors import UnsupportedModelError
 from peftjax.models.llama import LlamaConfig, RopeParameters
+from peftjax.models.names import PACKAGED_CHECKPOINTS
 from peftjax.models.resnet import ResNetConfig
 from peftjax.models.vit import ViTConfig
 
@@ -131,6 +132,11 @@ def presets() -> tuple[str, ...]:
 
 def preset_config(name: str) -> registry.ModelConfig:
     """The config of a preset; the error lists the known names."""
+    if name in PACKAGED_CHECKPOINTS:
+        raise UnsupportedModelError(
+            f"{name!r} is a pretrained checkpoint, not a preset: load it with "
+            f"peftjax.models.from_pretrained({name!r}); presets: {', '.join(PRESETS)}."
+        )
     if name not in PRESETS:
         raise UnsupportedModelError(
             f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a config."
@@ -155,7 +161,8 @@ def from_config(
     Args:
         name_or_config: a name from ``presets()`` or a ``BertConfig``/
             ``LlamaConfig``/``ViTConfig``/``ResNetConfig``.
-        task: the head ("base", "sequence-classification", ...); by default
+        task: the head ("base", "classification", "token_classification",
+            "causal_lm", "image_classification"); by default
             the family's base model (BERT, ViT, ResNet) or causal LM (Llama), or its
             classifier when ``num_labels`` is given.
         num_labels: size of a classification head.
@@ -168,8 +175,9 @@ def from_config(
         **overrides: config fields to replace (``remat=True``, dropouts, ...).
 
     Returns:
-        The model in training mode (dropout on), as a freshly built
-        transformers model is.
+        The model in eval mode (dropout off), as ``from_pretrained`` returns
+        one; call ``model.train()`` before fine-tuning (``peftjax train``
+        does). Nothing is recorded as a new head: every parameter is random.
     """
     if isinstance(name_or_config, str):
         config = preset_config(name_or_config)
@@ -184,7 +192,9 @@ def from_config(
     model_cls = registry.model_class(config.model_type, chosen_task)
 
     def build(rngs: nnx.Rngs) -> nnx.Module:
-        return model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        model = model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        model.eval()
+        return model
 
     rngs = rngs if rngs is not None else nnx.Rngs(seed)
     if abstract:

@@ -31,20 +31,28 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from peftjax.core.new_head import mark_new_head
 from peftjax.models import registry
-from peftjax.models.batch_norm import BatchNorm
 from peftjax.models.errors import (
     CheckpointNotFoundError,
     ModelLoadError,
     UnsupportedModelError,
 )
-from peftjax.points import InsertionPoint
+from peftjax.models.factory import PRESETS
+from peftjax.models.layouts import (
+    CHECKPOINT_VARIABLES,
+    checkpoint_names,
+    contiguous,
+    model_shape,
+    to_model_layout,
+    to_torch_layout,
+    to_torch_shape,
+)
+from peftjax.models.names import CONFIG_NAME, WEIGHTS_INDEX_NAME, resolve_checkpoint
 
 logger = logging.getLogger("peftjax.models")
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "tf_model.h5")
 
 # Checkpoint entries that are buffers, not parameters: never reported.
@@ -52,29 +60,6 @@ _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids|rotary_emb\.inv_
 # Pre-2019 BERT checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY_LEAVES = {"gamma": "weight", "beta": "bias"}
 
-# Leaf renames and layouts of the layers whose parameters checkpoints hold.
-_LAYER_LEAVES: Mapping[type, Mapping[str, tuple[str, str]]] = {
-    nnx.Linear: {"kernel": ("weight", "linear"), "bias": ("bias", "same")},
-    nnx.Conv: {"kernel": ("weight", "conv"), "bias": ("bias", "same")},
-    nnx.Embed: {"embedding": ("weight", "same")},
-    nnx.LayerNorm: {"scale": ("weight", "same"), "bias": ("bias", "same")},
-    nnx.RMSNorm: {"scale": ("weight", "same")},
-    nnx.BatchNorm: {
-        "scale": ("weight", "same"),
-        "bias": ("bias", "same"),
-        "mean": ("running_mean", "same"),
-        "var": ("running_var", "same"),
-    },
-    BatchNorm: {
-        "scale": ("weight", "same"),
-        "bias": ("bias", "same"),
-        "mean": ("running_mean", "same"),
-        "var": ("running_var", "same"),
-        "num_batches_tracked": ("num_batches_tracked", "count"),
-    },
-}
-# What a checkpoint holds: parameters and batch norms' running statistics.
-_CHECKPOINT_VARIABLES = (nnx.Param, nnx.BatchStat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,119 +80,12 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------
-# Layouts.
-# --------------------------------------------------------------------------
-
-
-def to_model_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":  # torch (out, in, kh, kw) -> flax (kh, kw, in, out)
-        return array.transpose(2, 3, 1, 0)
-    return array
-
-
-def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return array.transpose(3, 2, 0, 1)
-    if layout == "count":  # torch keeps counters as int64; JAX (without x64) as int32
-        return array.astype(np.int64)
-    return array
-
-
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy when needed; unlike ``np.ascontiguousarray`` it keeps
-    scalars (a batch norm's counter) zero-dimensional."""
-    return np.require(array, requirements="C")
-
-
-def _model_shape(torch_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "linear" and len(torch_shape) == 2:
-        return torch_shape[::-1]
-    if layout == "conv" and len(torch_shape) == 4:
-        out, inp, kh, kw = torch_shape
-        return (kh, kw, inp, out)
-    return tuple(torch_shape)
-
-
-def _is_reference_module(module: Any) -> bool:
-    """Modules whose parameters belong in a transformers checkpoint.
-
-    Layers listed in ``_LAYER_LEAVES``, layer lists and the reference model
-    classes themselves; anything else (insertion points, adapter wrappers)
-    holds parameters no transformers model has.
-    """
-    if isinstance(module, InsertionPoint):
-        return False
-    if isinstance(module, (nnx.List, *_LAYER_LEAVES)):
-        return True
-    return type(module).__module__.startswith("peftjax.models.")
-
-
-def checkpoint_names(model: nnx.Module) -> tuple[dict[tuple, tuple[str, str]], list[str]]:
-    """Maps each parameter (and running statistic) path to its checkpoint key and layout.
-
-    Returns ``(names, skipped)``: ``names[path] = (hf_key, layout)`` for every
-    parameter and batch-norm statistic of the reference architecture, and the
-    dotted paths of those under other modules (adapters, points), which have
-    no transformers counterpart.
-    """
-    modules = dict(nnx.iter_modules(model))
-    names: dict[tuple, tuple[str, str]] = {}
-    skipped: list[str] = []
-    for path, _ in nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)):
-        owner_path, leaf = path[:-1], path[-1]
-        chain = [modules.get(owner_path[:i]) for i in range(len(owner_path) + 1)]
-        if not all(m is not None and _is_reference_module(m) for m in chain):
-            skipped.append(".".join(map(str, path)))
-            continue
-        owner = modules[owner_path]
-        hf_leaf, layout = str(leaf), "same"
-        # The nearest class in the owner's ancestry: a subclass with leaves of its own
-        # (peftjax's BatchNorm) has its entry, one without (lean_backward.LayerNorm) its base's.
-        leaves = next((_LAYER_LEAVES[cls] for cls in type(owner).__mro__ if cls in _LAYER_LEAVES), None)
-        if leaves is not None:
-            hf_leaf, layout = leaves[leaf]
-        names[path] = (".".join(map(str, (*owner_path, hf_leaf))), layout)
-    return names, skipped
-
-
-# --------------------------------------------------------------------------
 # Finding and opening checkpoints.
 # --------------------------------------------------------------------------
 
 
-def _resolve_folder(path: str | os.PathLike, revision: str | None) -> Path:
-    """A local checkpoint folder, fetching a Hub repo id through the HF cache."""
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder
-    text = str(path)
-    if folder.exists() or folder.is_absolute() or text.startswith((".", "~")):
-        raise CheckpointNotFoundError(
-            f"Checkpoint folder {text!r} does not exist or is not a folder. Pass a folder "
-            f"holding {CONFIG_NAME} and *.safetensors (e.g. one written by save_pretrained)."
-        )
-    try:
-        import huggingface_hub
-
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id=text,
-            revision=revision,
-            allow_patterns=[CONFIG_NAME, "*.safetensors", WEIGHTS_INDEX_NAME],
-        )
-    except Exception as error:  # offline miss, unknown repo, bad repo id, network
-        raise CheckpointNotFoundError(
-            f"{text!r} is not a local folder and could not be fetched from the Hugging Face "
-            f"Hub or its cache ({type(error).__name__}: {error}). Pass a local folder, or run "
-            "once with network access (HF_HUB_OFFLINE unset) to fill the cache."
-        ) from error
-    return Path(snapshot)
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
+    """The checkpoint folder's ``config.json`` as a dict; errors say what is missing."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir())[:20]
@@ -340,16 +218,21 @@ def from_pretrained(
     config_overrides: Mapping[str, Any] | None = None,
     strict: bool = False,
     ignore_mismatched_sizes: bool = False,
+    freeze_new_head: bool = False,
+    adapter: str | os.PathLike | None = None,
     output_loading_info: bool = False,
 ) -> nnx.Module | tuple[nnx.Module, LoadReport]:
     """Loads a transformers checkpoint (config.json + safetensors) into a peftjax model.
 
     Args:
-        path: a local checkpoint folder, or a Hub repo id resolved through
-            ``huggingface_hub.snapshot_download`` (works offline from the cache).
-        task: which head to build ("base", "sequence-classification",
-            "token-classification", "causal-lm", "image-classification");
-            by default the checkpoint's ``architectures`` decide.
+        path: a local checkpoint folder, a packaged checkpoint's name
+            (``"minilm"``, see ``peftjax.models.names``), or a Hub repo id
+            resolved through ``huggingface_hub.snapshot_download`` (works
+            offline from the cache).
+        task: which head to build ("base", "classification",
+            "token_classification", "causal_lm", "image_classification", the
+            names ``data.task`` takes); by default the checkpoint's
+            ``architectures`` decide.
         num_labels: size of a classification head; overrides the checkpoint's.
         dtype: computation dtype. param_dtype: storage dtype of parameters.
         seed: an int or a typed PRNG key (``jax.random.key``); seeds newly
@@ -361,6 +244,13 @@ def from_pretrained(
         ignore_mismatched_sizes: re-initialise (and report) parameters whose
             checkpoint shape differs, e.g. a classifier with other labels,
             instead of raising.
+        freeze_new_head: keep the parameters the checkpoint lacks (a new
+            head) frozen. By default they train along with any PEFT method
+            applied later, as HF PEFT's ``modules_to_save`` for a task's head
+            (see ``peftjax.core.new_head``; ``peftjax.summary`` lists them).
+        adapter: a folder written by ``peftjax.save_adapter`` to load onto
+            the model (``peftjax.load_adapter``); parameters it fills are not
+            reported as newly initialised.
         output_loading_info: also return a ``LoadReport``.
 
     Returns:
@@ -373,8 +263,8 @@ def from_pretrained(
         ModelLoadError: unsupported ``model_type``, ``.bin``-only checkpoint,
             a shape mismatch, or a truncated/corrupt safetensors file.
     """
-    folder = _resolve_folder(path, revision)
-    hf_config = _read_config(folder)
+    folder = resolve_checkpoint(path, revision, presets=PRESETS)
+    hf_config = read_config(folder)
     model_type = hf_config.get("model_type")
     try:
         fam = registry.family(model_type)
@@ -414,17 +304,20 @@ def from_pretrained(
     handles = {file: _open(file) for file in sorted(set(files.values()))}
     plan: dict[tuple, tuple[str, str]] = {}
     missing, mismatched, used = [], [], set()
+    new_paths: dict[str, tuple] = {}  # checkpoint key -> path of each leaf initialised here
     for leaf_path, (hf_key, layout) in names.items():
         ckpt_key = by_canonical.get(_canonical(hf_key, prefix))
         if ckpt_key is None:
             missing.append(hf_key)
+            new_paths[hf_key] = leaf_path
             continue
         used.add(ckpt_key)
         torch_shape = handles[files[ckpt_key]].shape(ckpt_key)
         expected = tuple(abstract_leaves[leaf_path].shape)
-        if _model_shape(torch_shape, layout) != expected:
+        if model_shape(torch_shape, layout) != expected:
             torch_expected = to_torch_shape(expected, layout)
             mismatched.append((ckpt_key, torch_shape, torch_expected))
+            new_paths[ckpt_key] = leaf_path
             continue
         plan[leaf_path] = (ckpt_key, layout)
 
@@ -471,7 +364,7 @@ def from_pretrained(
         if leaf_path in plan:
             ckpt_key, layout = plan[leaf_path]
             array = to_model_layout(handles[files[ckpt_key]].tensor(ckpt_key), layout)
-            value = jnp.asarray(_contiguous(array), dtype=variable.dtype)
+            value = jnp.asarray(contiguous(array), dtype=variable.dtype)
         elif isinstance(variable, nnx.RngKey):
             value = jnp.broadcast_to(jax.random.fold_in(base_key, index), variable.shape)
         elif isinstance(variable, nnx.RngCount):
@@ -482,14 +375,25 @@ def from_pretrained(
 
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     model.eval()
+    dotted_new = {key: ".".join(map(str, path)) for key, path in new_paths.items()}
+    params = [dotted_new[key] for key, path in new_paths.items() if isinstance(abstract_leaves[path], nnx.Param)]
+    mark_new_head(model, params, trains=not freeze_new_head)
+    filled = set()
+    if adapter is not None:
+        from peftjax.core.adapter_io import fill_adapter
 
-    if missing or reinitialised:
+        filled = fill_adapter(model, adapter)
+    unfilled = [key for key in [*missing, *reinitialised] if dotted_new[key] not in filled]
+    if unfilled:
         logger.warning(
             "Some weights of %s were not initialised from the checkpoint at %s and are newly "
-            "initialised: [%s]. You should probably train this model on a downstream task.",
+            "initialised: [%s]. %s",
             model_cls.__name__,
             folder,
-            _summarise([*missing, *reinitialised]),
+            _summarise(unfilled),
+            "They stay frozen (freeze_new_head=True): train them with also_train, or load them with adapter=."
+            if freeze_new_head else
+            "They train along with the PEFT methods you apply (freeze_new_head=True keeps them frozen).",
         )
     if unexpected:
         logger.warning(
@@ -509,15 +413,6 @@ def from_pretrained(
         mismatched_keys=tuple(mismatched) if ignore_mismatched_sizes else (),
     )
     return model, report
-
-
-def to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "linear" and len(shape) == 2:
-        return shape[::-1]
-    if layout == "conv" and len(shape) == 4:
-        kh, kw, inp, out = shape
-        return (out, inp, kh, kw)
-    return tuple(shape)
 
 
 # --------------------------------------------------------------------------
@@ -548,14 +443,14 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
             registry.hf_architecture(model),
             _summarise(skipped),
         )
-    variables = dict(nnx.to_flat_state(nnx.state(model, _CHECKPOINT_VARIABLES)))
+    variables = dict(nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARIABLES)))
     tensors: dict[str, np.ndarray] = {}
     dtypes = set()  # of the parameters: running statistics and counters keep their own
     for leaf_path, (hf_key, layout) in names.items():
         array = np.asarray(jax.device_get(variables[leaf_path].get_value()))
         if isinstance(variables[leaf_path], nnx.Param):
             dtypes.add(array.dtype)
-        tensors[hf_key] = _contiguous(to_torch_layout(array, layout))
+        tensors[hf_key] = contiguous(to_torch_layout(array, layout))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = {"architectures": [registry.hf_architecture(model)], **model.config.to_hf_dict()}

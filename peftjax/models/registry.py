@@ -7,6 +7,8 @@ picks the family, the task picks the head), so it lives here once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,15 +30,25 @@ from peftjax.models.llama import (
 from peftjax.models.resnet import ResNetConfig, ResNetForImageClassification, ResNetModel
 from peftjax.models.vit import ViTConfig, ViTForImageClassification, ViTModel
 
+logger = logging.getLogger("peftjax")
+
+# One spelling of each task everywhere: ``task=`` in Python, ``data.task`` in YAML,
+# ``peftjax bench --task``. The three tasks a run can train are the data tasks.
 BASE = "base"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-TOKEN_CLASSIFICATION = "token-classification"
-CAUSAL_LM = "causal-lm"
-IMAGE_CLASSIFICATION = "image-classification"
+SEQUENCE_CLASSIFICATION = "classification"
+TOKEN_CLASSIFICATION = "token_classification"
+CAUSAL_LM = "causal_lm"
+IMAGE_CLASSIFICATION = "image_classification"
 TASKS = (BASE, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, CAUSAL_LM, IMAGE_CLASSIFICATION)
 
-# Hugging Face pipeline names people already type, mapped to ours.
-_TASK_ALIASES = {
+# Other spellings still accepted, with a notice: the hyphenated names ``task=`` took
+# before, and the Hugging Face pipeline names people already type.
+TASK_ALIASES = {
+    "sequence-classification": SEQUENCE_CLASSIFICATION,
+    "sequence_classification": SEQUENCE_CLASSIFICATION,
+    "token-classification": TOKEN_CLASSIFICATION,
+    "causal-lm": CAUSAL_LM,
+    "image-classification": IMAGE_CLASSIFICATION,
     "feature-extraction": BASE,
     "text-classification": SEQUENCE_CLASSIFICATION,
     "text-generation": CAUSAL_LM,
@@ -106,9 +118,14 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
 
 
 def canonical_task(task: str) -> str:
-    task = _TASK_ALIASES.get(task, task)
+    """``task`` in its one spelling; an old spelling is accepted with a notice."""
+    if task in TASK_ALIASES:
+        logger.warning("task %r is spelled %r now (the old spelling still works)", task, TASK_ALIASES[task])
+        return TASK_ALIASES[task]
     if task not in TASKS:
-        raise UnsupportedModelError(f"task {task!r} is unknown; choose one of {list(TASKS)}.")
+        close = difflib.get_close_matches(str(task), TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnsupportedModelError(f"task {task!r} is unknown; choose one of {list(TASKS)}.{hint}")
     return task
 
 

@@ -156,9 +156,11 @@ class ViTPatchEmbeddings(nnx.Module):
         size = self.config.image_size
         if channels != self.config.num_channels or (height, width) != (size, size):
             raise ValueError(
-                f"pixel_values have shape (channels, height, width)=({channels}, {height}, "
-                f"{width}); this model expects ({self.config.num_channels}, {size}, {size}) "
-                "in channels-first layout."
+                f"pixel_values_bchw has (channels, height, width)=({channels}, {height}, {width}); this "
+                f"ViT expects ({self.config.num_channels}, {size}, {size}) (ViTConfig.num_channels, image_size). "
+                "The model takes (batch, channels, height, width) as transformers does; peftjax's image "
+                "loaders give (batch, height, width, channels), which the train step transposes, and resize "
+                "to data.image_size (by default the model's)."
             )
         x_bhwc = jnp.transpose(pixel_values_bchw, (0, 2, 3, 1))
         x_bhwd = self.projection(x_bhwc)

@@ -96,7 +96,7 @@ TARGET_SETS: dict[str, dict[str, Targets]] = {
 _FALLBACK_SETS: dict[str, Targets] = {ALL_LINEAR: ALL_LINEAR}
 
 # What a run reports per split, and which way is better.
-METRIC_KINDS = {"accuracy": True, "loss": False}
+METRIC_KINDS = {"accuracy": True, "loss": False, "perplexity": False}  # perplexity: language models only
 
 
 class SweepError(ConfigError):
@@ -422,9 +422,11 @@ def template_method(config: ExperimentConfig) -> LoraConfig:
 
 
 def available_metrics(config: ExperimentConfig) -> list[str]:
-    """The metric names a run of ``config`` produces: accuracy and loss per evaluated split."""
+    """The metric names a run of ``config`` produces: accuracy and loss per evaluated split,
+    and perplexity for a language model."""
     splits = [split for split, name in (("eval", config.data.eval_split), ("test", config.data.test_split)) if name]
-    return [f"{split}_{kind}" for split in splits for kind in METRIC_KINDS]
+    kinds = [kind for kind in METRIC_KINDS if kind != "perplexity" or config.data.task == "causal_lm"]
+    return [f"{split}_{kind}" for split in splits for kind in kinds]
 
 
 def higher_is_better(metric: str) -> bool:

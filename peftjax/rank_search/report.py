@@ -168,7 +168,8 @@ def _setup_lines(payload: dict) -> list[str]:
         + (f", first {data['max_train_rows']} rows" if data.get("max_train_rows") and data["row_selection"] == "first"
            else (f", {data['max_train_rows']} rows sampled (seed {data['row_seed']})" if data.get("max_train_rows")
                  else ""))
-        + f"; eval `{data.get('eval_split')}`; test `{data.get('test_split')}`), max_length {data['max_length']}",
+        + "".join(f"; {name} `{data[f'{name}_split']}`" for name in ("eval", "test") if data.get(f"{name}_split"))
+        + f"), max_length {data['max_length']}",
         f"- training: {length} = {steps} optimizer steps of batch {train['batch_size']} x grad_accum "
         f"{train['grad_accum']}; {config['optim']['name']}, schedule {config['schedule']['decay']}, "
         f"precision {train['precision']}",

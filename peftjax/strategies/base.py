@@ -34,7 +34,12 @@ Labels, once per stage, on the host:
 * ``label_rules(model, stage)``: rules ahead of every method's
   (``peftjax.core.labels``), so a strategy can freeze an adapter or give a
   layer group its own label. ``stage`` counts this strategy's starts passed.
-* ``lr_multipliers(stage)``: ``{label: factor}`` (discriminative rates).
+* ``lr_multipliers(stage)``: ``{label: factor}`` for labels the rules give.
+* ``rate_groups(model, stage)``: ``(path regex, group name, factor)``: what
+  trains in a group does so under a label of its own, ``<label>@<group>``,
+  at ``factor`` times its label's rate (discriminative rates), with
+  optimizer state of its own that starts when the group starts training
+  (gradual unfreezing: Adam's step count starts there too).
 
 A parameter that starts training at a stage gets its optimizer state then,
 not before; a frozen one is bitwise unchanged (``TrainState.relabel``).
@@ -63,7 +68,8 @@ import optax
 from flax import nnx
 
 from peftjax.config import DataConfig
-from peftjax.core.labels import PeftOptimizer, make_optimizer
+from peftjax.core.labels import PeftOptimizer, RateGroup, make_optimizer
+from peftjax.core.layer_groups import STRATEGY_MODULES
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
 from peftjax.methods.base import LabelRule
@@ -71,9 +77,6 @@ from peftjax.models.common import ModelOutput
 from peftjax.schema import ConfigError, Section
 from peftjax.train.session import MAIN, Run, RunInfo
 from peftjax.train.tasks import LogitsLoss, logits_loss, model_output, pooled_features
-
-# The attribute of the model's root module that holds the strategies' own modules.
-STRATEGY_MODULES = "training_strategies"
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -125,6 +128,9 @@ class Strategy(Section):
 
     def lr_multipliers(self, stage: int) -> Mapping[str, float]:
         return {}
+
+    def rate_groups(self, model: nnx.Module, stage: int) -> list[RateGroup]:
+        return []
 
     def loss(self, ctx: StepContext) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]] | None:
         return None
@@ -249,11 +255,12 @@ def stage_optimizer(
     info: RunInfo,
 ) -> PeftOptimizer:
     """The optimizer of one stage: ``tx`` partitioned by the labels the methods and
-    the strategies' rules give (strategies' first), with their multipliers, then
-    wrapped by each strategy's ``optimizer`` hook."""
+    the strategies' rules give (strategies' first), split by their rate groups,
+    with their multipliers, then wrapped by each strategy's ``optimizer`` hook."""
     rules = [rule for strategy, stage in zip(strategies, stages) for rule in strategy.label_rules(model, stage)]
     multipliers = {k: v for s, stage in zip(strategies, stages) for k, v in s.lr_multipliers(stage).items()}
-    optimizer = make_optimizer(model, tx, overrides=rules, lr_multipliers=multipliers or None)
+    groups = [group for strategy, stage in zip(strategies, stages) for group in strategy.rate_groups(model, stage)]
+    optimizer = make_optimizer(model, tx, overrides=rules, lr_multipliers=multipliers or None, rate_groups=groups)
     for strategy in strategies:
         optimizer = optimizer.carrying(strategy.optimizer(optimizer, info))
     if strategies and not optimizer.trainable_paths:

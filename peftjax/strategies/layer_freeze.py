@@ -7,8 +7,9 @@ gradients. With a method applied, freezing a layer freezes its adapters too
 (a frozen layer is one where nothing trains), whatever the method's own
 rules say, because strategies' rules come first.
 
-Layers are the model's layer groups (``peftjax.layer_groups``); with
-``layers: 0`` and ``embeddings: true`` this is freezing the embeddings alone.
+Layers are the blocks of the model's layer groups (``peftjax.layer_groups``:
+a transformer's layers, a ResNet's stages); with ``layers: 0`` and
+``embeddings: true`` this is freezing the embeddings (a ResNet's stem) alone.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ class LayerFreezeConfig(Strategy):
         require(self.layers > 0 or self.embeddings, "layers", "freezes nothing with embeddings: false; set layers >= 1")
 
     def label_rules(self, model: nnx.Module, stage: int) -> list[LabelRule]:
-        groups = {group.name: group for group in layer_groups(model)}
-        blocks = sum(1 for name in groups if name.startswith("layer."))
-        if self.layers > blocks:
-            raise PeftError(f"layer_freeze.layers={self.layers}: {type(model).__name__} has {blocks} layers")
-        if self.embeddings and "embeddings" not in groups:
+        groups = layer_groups(model)
+        blocks = [group for group in groups if group.kind == "block"]
+        if self.layers > len(blocks):
+            raise PeftError(f"layer_freeze.layers={self.layers}: {type(model).__name__} has {len(blocks)} layers")
+        embeddings = [group for group in groups if group.kind == "embeddings"]
+        if self.embeddings and not embeddings:
             raise PeftError(f"layer_freeze.embeddings: {type(model).__name__} has no embeddings group; "
                             "set embeddings: false")
-        frozen = [f"layer.{i}" for i in range(self.layers)] + (["embeddings"] if self.embeddings else [])
-        return [(groups[name].pattern, FROZEN) for name in frozen]
+        frozen = blocks[: self.layers] + (embeddings if self.embeddings else [])
+        return [(group.pattern, FROZEN) for group in frozen]

@@ -32,7 +32,7 @@ from peftjax.config import ExperimentConfig
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
-from peftjax.core.labels import PeftOptimizer
+from peftjax.core.labels import PeftOptimizer, ScheduledTransformation, scheduled
 from peftjax.errors import ModelLoadError, NonFiniteLossError, PeftError, Preempted, RunError
 from peftjax.methods.base import config_from_dict
 from peftjax.strategies.base import (
@@ -48,32 +48,50 @@ from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, RunLog, start_point, writable_output_dir
 from peftjax.train.preemption import StopSignals
 from peftjax.train.session import MAIN, Run, RunInfo, Stream
+from peftjax.train.schedules import slanted_triangular
 from peftjax.train.sharding import global_batch, make_mesh
 from peftjax.train.state import TrainState, make_train_step
-from peftjax.train.tasks import HEADS, evaluate, loss_and_stats
+from peftjax.train.tasks import evaluate, loss_and_stats
 
 # ----------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------
 
 
+def finished_result(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The result of a finished run of this very config in its output folder, else None
+    (an experiment driver started again reuses it; a run of an edited config is not it)."""
+    path = pathlib.Path(config.output_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(config.to_dict()))
+    same = {**result["config"], "output_dir": None} == {**wanted, "output_dir": None}  # found in it, by any spelling
+    return result if same else None
+
+
 def compute_dtype(config: ExperimentConfig):
     return jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
 
 
-def build_model(config: ExperimentConfig, num_labels: int | None) -> nnx.Module:
-    """The base model the config names (a checkpoint or a preset), with its head."""
+def build_model(
+    config: ExperimentConfig, num_labels: int | None, adapter: str | os.PathLike | None = None
+) -> nnx.Module:
+    """The base model the config names (a checkpoint or a preset), with its head, and
+    ``adapter`` (a saved adapter folder) loaded onto it when given."""
     from peftjax.models import from_config, from_pretrained
 
     spec = config.model
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
-    kwargs = dict(task=HEADS[config.data.task], num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
+    kwargs = dict(task=config.data.task, num_labels=spec.num_labels or num_labels, dtype=compute_dtype(config))
     folder = spec.checkpoint_dir()
     try:
         if folder is None:
-            return from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+            model = from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+            return model if adapter is None else load_adapter(model, adapter)
         return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
-                               ignore_mismatched_sizes=True, **kwargs)
+                               ignore_mismatched_sizes=True, freeze_new_head=spec.freeze_new_head, adapter=adapter,
+                               **kwargs)
     except ModelLoadError as err:
         raise type(err)(f"{_model_key(config)}: {err}") from None
 
@@ -83,20 +101,57 @@ def _model_key(config: ExperimentConfig) -> str:
     return f"model.path={config.model.path!r}" if config.model.path else f"model.name={config.model.name!r}"
 
 
+def with_model_defaults(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with the data fields left null to follow the model filled in: an image
+    model's size and normalisation (``peftjax.models.names.image_defaults``)."""
+    data = config.data
+    unset = [key for key in ("image_size", "image_mean", "image_std") if getattr(data, key) is None]
+    if data.task != "image_classification" or not unset:
+        return config
+    from peftjax.models import registry
+    from peftjax.models.factory import preset_config
+    from peftjax.models.loading import read_config
+    from peftjax.models.names import image_defaults
+
+    folder = config.model.checkpoint_dir()
+    if folder is None:
+        model_config = preset_config(config.model.name)
+    else:
+        model_config = registry.config_from_hf_dict(read_config(folder))
+    defaults = image_defaults(model_config, folder)
+    return dataclasses.replace(config, data=dataclasses.replace(data, **{key: defaults[key] for key in unset}))
+
+
 def load_task(config: ExperimentConfig) -> tuple[data_lib.TaskData, Any]:
+    config = with_model_defaults(config)
     data_lib.check_data_files(config.data)
     kind = config.data.source.split(":", 1)[0]
     tokenizer = None
     if config.data.task != "image_classification" and kind != "synthetic":
         folder = config.model.tokenizer_dir()
         if folder is None:
-            raise RunError(f"model {config.model.name!r} has no tokenizer folder; set model.tokenizer=PATH")
+            raise RunError(f"model {config.model.name!r} is a preset without a packaged tokenizer; set model.tokenizer "
+                           "to the folder of the tokenizer its vocabulary belongs to")
         try:
             tokenizer = data_lib.load_tokenizer(folder)
         except PeftError as err:
             key = f"model.tokenizer={config.model.tokenizer!r}" if config.model.tokenizer else _model_key(config)
             raise type(err)(f"{key}: {err}") from None
     return data_lib.load_data(config.data, tokenizer), tokenizer
+
+
+def check_image_shape(config: ExperimentConfig, model: nnx.Module, task: data_lib.TaskData) -> None:
+    """Raises before compiling when the images cannot go into a fixed-size model (ViT)."""
+    size, channels = getattr(model.config, "image_size", None), getattr(model.config, "num_channels", 3)
+    if task.task != "image_classification" or size is None:
+        return
+    height, width, got = task["train"].images.shape[1:]
+    if (height, width, got) != (size, size, channels):
+        raise RunError(
+            f"data gives {height}x{width} images with {got} channels, but model {config.model.name!r} takes "
+            f"{size}x{size} with {channels} (its config's image_size, num_channels); leave data.image_size "
+            f"null to follow the model, or set it to {size}"
+        )
 
 
 def apply_methods(model: nnx.Module, config: ExperimentConfig) -> nnx.Module:
@@ -111,6 +166,8 @@ def apply_methods(model: nnx.Module, config: ExperimentConfig) -> nnx.Module:
 
 def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.Schedule:
     peak, sched = config.optim.learning_rate, config.schedule
+    if sched.decay == "slanted_triangular":
+        return slanted_triangular(peak, total_steps, cut_frac=sched.cut_frac, ratio=sched.ratio)
     warmup = sched.warmup_for(total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = peak * sched.end_lr_ratio
@@ -127,20 +184,20 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
 
 def build_optimizer(
     config: ExperimentConfig, total_steps: int, *, adafactor: Callable = optax.adafactor
-) -> optax.GradientTransformation:
-    """``config.optim`` with its schedule and clipping. ``adafactor(lr)`` builds Adafactor
-    (the rank search's batched mode passes one that counts each member's own entries)."""
+) -> ScheduledTransformation:
+    """The config's optimizer: the rule at rate 1 per label, the clipping and the
+    schedule once for the whole model (``peftjax.core.labels.scheduled``).
+    ``adafactor(1.0)`` builds Adafactor (the rank search's batched mode passes one
+    that counts each member's own entries)."""
     o = config.optim
-    lr = learning_rate_schedule(config, total_steps)
     make = {
-        "adamw": lambda: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
-        "adam": lambda: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
-        "sgd": lambda: optax.sgd(lr, momentum=o.momentum or None),
-        "adafactor": lambda: adafactor(lr),
-        "lion": lambda: optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+        "adamw": lambda: optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+        "adam": lambda: optax.adam(1.0, b1=o.b1, b2=o.b2, eps=o.eps),
+        "sgd": lambda: optax.sgd(1.0, momentum=o.momentum or None),
+        "adafactor": lambda: adafactor(1.0),
+        "lion": lambda: optax.lion(1.0, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
     }
-    tx = make[o.name]()
-    return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), tx) if o.max_grad_norm else tx
+    return scheduled(make[o.name](), learning_rate_schedule(config, total_steps), max_grad_norm=o.max_grad_norm)
 
 
 def versions() -> dict[str, str]:
@@ -232,6 +289,7 @@ def load_streams(
 def prepare(config: ExperimentConfig) -> Prepared:
     task, tokenizer = load_task(config)
     model = build_model(config, task.num_labels)
+    check_image_shape(config, model, task)
     _check_token_ids(config, model, tokenizer, task)
     apply_methods(model, config)
     strategies = build_strategies(config.strategy_dicts())
@@ -241,7 +299,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     batch_size = loop.batch_size * loop.grad_accum
     loader = task.train_loader(batch_size, seed=loop.seed)
     total = loop.steps if loop.steps is not None else max(1, math.ceil(loop.epochs * loader.steps_per_epoch))
-    info = RunInfo(config=config, total_steps=total, steps_per_epoch=loader.steps_per_epoch, batch_size=batch_size)
+    info = RunInfo(config=config, total_steps=total, steps_per_epoch=loader.steps_per_epoch, batch_size=batch_size,
+                   model=model)
     tx = build_optimizer(config, total)
     starts = stage_starts(strategies, info)
     streams = load_streams(config, strategies, tokenizer, model)
@@ -271,6 +330,7 @@ def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True
     for the run. A SIGTERM or SIGINT stops the run after the current step with
     a checkpoint, raising ``Preempted`` (see ``peftjax.train.preemption``).
     """
+    config = with_model_defaults(config)  # the values used are the values recorded
     out = writable_output_dir(config)
     with OutputLock(out), StopSignals() as stop:
         return _run(config, out, resume=start_point(out, config, resume=resume), progress=progress, fsdp=fsdp,
@@ -397,7 +457,7 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
         if split in prep.task.splits:
             final.update({f"{split}_{k}": v for k, v in evaluate_split(model, split).items()})
     if best["step"] is not None and best["step"] != int(state.step) and "test" in prep.task.splits:
-        best_model = load_adapter(build_model(config, prep.task.num_labels), out / "best")
+        best_model = build_model(config, prep.task.num_labels, adapter=out / "best")
         final.update({f"best_test_{k}": v for k, v in evaluate_split(best_model, "test").items()})
     if best["metric"] is not None:
         final[f"best_eval_{metric_name}"] = best["metric"]

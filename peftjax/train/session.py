@@ -32,13 +32,16 @@ class RunInfo:
 
     ``total_steps`` and ``steps_per_epoch`` count optimizer updates (after
     gradient accumulation) of the main stream; ``batch_size`` is the number of
-    examples one update sees from each stream.
+    examples one update sees from each stream. ``model`` is the model as the
+    run builds it, before its first step (methods applied, strategies'
+    modules attached): its structure, e.g. its layer groups.
     """
 
     config: ExperimentConfig
     total_steps: int
     steps_per_epoch: int
     batch_size: int
+    model: nnx.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Stream:

@@ -3,8 +3,9 @@
 ``TrainState.create`` splits the model once into
 
 * ``trainable``: the parameters the optimizer labels trainable,
-* ``frozen``: every other parameter, and the running statistics of frozen
-  batch norms, never changed by a step,
+* ``frozen``: every other parameter, the running statistics of frozen
+  batch norms and the strategies' ``FixedBuffer`` arrays, never changed by a
+  step,
 * ``rest``: other non-parameter state (RNG counters, the running statistics
   of batch norms that train), which a forward pass may advance,
 
@@ -32,6 +33,7 @@ from peftjax.core.batch_stats import is_fixed_statistic, training_view
 from peftjax.core.labels import PeftOptimizer, make_optimizer
 from peftjax.core.paths import dotted
 from peftjax.train.sharding import parameter_specs, place, put
+from peftjax.variables import FixedBuffer
 
 LossFn = Callable[[nnx.Module, Any], jax.Array | tuple[jax.Array, dict]]
 
@@ -73,7 +75,7 @@ class TrainState:
         def is_trainable(path, value) -> bool:
             return isinstance(value, nnx.Param) and dotted(path) in trainable_paths
 
-        fixed = nnx.Any(nnx.Param, is_fixed_statistic(optimizer.fixed_batch_norms))
+        fixed = nnx.Any(nnx.Param, FixedBuffer, is_fixed_statistic(optimizer.fixed_batch_norms))
         view = training_view(model, optimizer.fixed_batch_norms)
         graphdef, trainable, frozen, rest = nnx.split(view, is_trainable, fixed, ...)
         trainable = jax.tree.map(jnp.copy, trainable)

@@ -10,6 +10,7 @@ are weighted so each example counts once.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import jax
@@ -20,13 +21,6 @@ from flax import nnx
 from peftjax.data import IGNORE_INDEX, BatchLoader
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
-
-# The model head each data task trains (``task=`` of ``peftjax.models.from_config``).
-HEADS = {
-    "classification": "sequence-classification",
-    "causal_lm": "causal-lm",
-    "image_classification": "image-classification",
-}
 
 Batch = dict[str, jax.Array]
 # (logits, batch) -> (mean loss, {"loss_sum", "correct", "count"})
@@ -107,7 +101,9 @@ def loss_and_stats(task: str) -> Callable:
 
 def evaluate(model: nnx.Module, loader: BatchLoader, loss_fn: Callable, mesh) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` in eval mode over one pass of ``loader``
-    (each example counted once)."""
+    (each example counted once). For a language model the accuracy is next-token
+    accuracy, the loss the mean over predicted tokens, and ``perplexity`` is
+    ``exp(loss)``."""
     model.eval()
     graphdef, params = nnx.split(model)
     evaluate_batch = _evaluator(loss_fn)
@@ -116,7 +112,10 @@ def evaluate(model: nnx.Module, loader: BatchLoader, loss_fn: Callable, mesh) ->
         stats = evaluate_batch(graphdef, params, global_batch(batch, mesh))
         for key in totals:
             totals[key] += float(stats[key])
-    return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+    scores = {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+    if getattr(loader.examples, "is_causal_lm", False):
+        scores["perplexity"] = math.exp(scores["loss"]) if scores["loss"] < 700 else math.inf  # exp overflows past ~709
+    return scores
 
 
 _EVALUATORS: dict[Callable, Callable] = {}

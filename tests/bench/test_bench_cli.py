@@ -25,24 +25,35 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_every_method_name_has_a_config(family):
     for name in ALL_METHODS:
-        assert method_config(name, family).method  # a registered method type
-    assert method_config("lora-r32", family).rank == 32
-    assert method_config("lora-r32", family).alpha == 64.0
+        assert method_config(name, family).method == name.split(":")[0]  # the YAML type the name starts with
+    assert method_config("lora:rank=32", family).rank == 32
+    assert method_config("lora:rank=32", family).alpha == 64.0  # alpha follows the rank unless given
+    assert method_config("lora:rank=32:alpha=8", family).alpha == 8.0
 
 
 def test_unknown_method_names_are_an_error_listing_the_known_ones():
-    with pytest.raises(PeftError, match="lora-rN"):
-        method_names("lora,ia3")
+    with pytest.raises(PeftError, match="Did you mean 'ia3'.*Methods are YAML method types"):
+        method_names("lora,ia4")
+    with pytest.raises(PeftError, match="LoraConfig has no field"):
+        method_config("lora:rnak=4", "bert")
     assert method_names("all") == list(ALL_METHODS)
+
+
+def test_old_benchmark_names_still_work_with_a_notice(caplog):
+    old = "lora-r8,lora-r4,houlsby,pfeiffer,parallel,prompt,prefix,lora-all-linear,qlora-all-linear"
+    assert method_names(old) == ["lora", "lora:rank=4", "bottleneck", "bottleneck:variant=pfeiffer",
+                                 "bottleneck:variant=parallel", "prompt_tuning", "prefix_tuning",
+                                 "lora:targets=all-linear", "qlora:targets=all-linear"]
+    assert "'houlsby' is spelled 'bottleneck' now" in caplog.text
 
 
 def test_bench_cli_timed_rows_json_and_charts(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    code = main(["bench", "--model", "bert-tiny", "--methods", "full,lora-r4", "--batch", "2", "--seq", "8",
+    code = main(["bench", "--model", "bert-tiny", "--methods", "full,lora:rank=4", "--batch", "2", "--seq", "8",
                  "--steps", "2", "--warmup", "1", "--json", str(out), "--charts", str(tmp_path / "charts")])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["full", "lora-r4"]
+    assert [r["method"] for r in rows] == ["full", "lora:rank=4"]
     for row in rows:
         assert all(row[key] is not None for key in REQUIRED), row
         assert row["step_time_s"] > 0 and len(row["step_times_s"]) == 2
@@ -55,12 +66,13 @@ def test_bench_cli_timed_rows_json_and_charts(tmp_path, capsys):
     assert {p.name for p in (tmp_path / "charts").iterdir()} == {
         "rows_flops.png", "rows_memory.png", "rows_throughput.png"
     }
-    assert "lora-r4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lora:rank=4" in printed and "columns:" in printed and "step MFLOP" in printed  # tiny: MFLOP, not 0.0
 
 
 def test_bench_cli_abstract_skips_what_does_not_apply(tmp_path):
     out = tmp_path / "rows.json"
-    assert main(["bench", "--model", "llama-tiny", "--methods", "bitfit,lora-r4", "--batch", "2", "--seq", "8",
+    assert main(["bench", "--model", "llama-tiny", "--methods", "bitfit,lora:rank=4", "--batch", "2", "--seq", "8",
                  "--dtype", "bf16", "--abstract", "--json", str(out)]) == 0
     bitfit, lora = json.loads(out.read_text())
     assert bitfit["status"] == "skipped" and "bias" in bitfit["reason"]  # Llama has no biases
@@ -74,8 +86,8 @@ def test_qlora_on_every_linear_layer_saves_its_base_storage_and_keeps_no_more_fo
     with linear int8 block scales, 832 bytes smaller with bitsandbytes' dynamic map) and the saving
     is the frozen storage (4 bytes per weight down to NF4's ~0.52)."""
     out = tmp_path / "rows.json"
-    assert main(["bench", "--model", "llama-tiny", "--methods", "lora-all-linear,qlora-all-linear", "--batch", "2",
-                 "--seq", "8", "--dtype", "bf16", "--abstract", "--json", str(out)]) == 0
+    assert main(["bench", "--model", "llama-tiny", "--methods", "lora:targets=all-linear,qlora:targets=all-linear",
+                 "--batch", "2", "--seq", "8", "--dtype", "bf16", "--abstract", "--json", str(out)]) == 0
     lora, qlora = json.loads(out.read_text())
     assert lora["trainable_params"] == qlora["trainable_params"]
     assert qlora["compiled_memory"]["temp"] <= lora["compiled_memory"]["temp"]

@@ -39,12 +39,12 @@ saved_residuals = pytest.importorskip("jax._src.ad_checkpoint").saved_residuals
 
 B, T = 2, 16
 # Trained kernels and context (full), x A (LoRA), shared x A and output terms (VeRA), bottleneck terms and a
-# lowest layer that keeps part of itself (houlsby), keys beyond the queries (prefix); Llama's SwiGLU, RMSNorm and
+# lowest layer that keeps part of itself (bottleneck, Houlsby's), keys beyond the queries (prefix_tuning); Llama's SwiGLU, RMSNorm and
 # head terms (full, and LoRA on llama-1b's widths). The other methods' terms are combinations of these.
 XLA_CASES = (
-    [("bert-tiny", "fp32", None, m) for m in ("full", "lora-r8", "vera", "houlsby", "prefix")]
+    [("bert-tiny", "fp32", None, m) for m in ("full", "lora", "vera", "bottleneck", "prefix_tuning")]
     + [("llama-tiny", "bf16", None, "full")]
-    + [("bert-base", "fp32", 2, "lora-r8"), ("llama-1b", "bf16", 2, "lora-r8")]
+    + [("bert-base", "fp32", 2, "lora"), ("llama-1b", "bf16", 2, "lora")]
 )
 
 
@@ -85,7 +85,7 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def lora_state(family: str, dtype, method: str = "lora-r8"):
+def lora_state(family: str, dtype, method: str = "lora"):
     causal = family == "llama"
     model = from_config(FAMILIES[family], num_labels=None if causal else 2, dtype=dtype)
     config = method_config(method, family)
@@ -96,7 +96,7 @@ def lora_state(family: str, dtype, method: str = "lora-r8"):
 
 
 @pytest.mark.parametrize("family, dtype", [("bert", jnp.float32), ("llama", jnp.bfloat16)], ids=["bert", "llama"])
-@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in ("lora-r4", "lora-r16")])
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in ("lora:rank=4", "lora:rank=16")])
 def test_jax_saves_at_least_the_floor(family, method, dtype):
     causal = family == "llama"
     try:

@@ -55,7 +55,7 @@ def batch_norms() -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "rows.json"
-    assert main(["bench", "--model", "resnet-tiny", "--methods", "full,linear_probe,lora-r8",
+    assert main(["bench", "--model", "resnet-tiny", "--methods", "full,linear_probe,lora",
                  "--batch", str(BATCH), "--image-size", str(SIDE), "--abstract", "--json", str(out)]) == 0
     return {row["method"]: row for row in json.loads(out.read_text())}
 
@@ -69,7 +69,7 @@ def test_forward_flops_are_the_convolutions_plus_a_few_percent(rows):
 
 
 def test_methods_that_apply_to_a_cnn(rows):
-    assert rows["lora-r8"]["status"] == "skipped" and "convolutions" in rows["lora-r8"]["reason"]
+    assert rows["lora"]["status"] == "skipped" and "convolutions" in rows["lora"]["reason"]
     channels, norms = batch_norms()
     full, probe = rows["full"], rows["linear_probe"]
     assert probe["trainable_params"] == CONFIG.hidden_sizes[-1] * 2 + 2

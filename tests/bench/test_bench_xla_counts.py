@@ -30,13 +30,13 @@ ADAPTED = 2 * L  # query and value in every layer
 
 @pytest.fixture(scope="module")
 def builder():
-    return ModelBuilder(BenchSpec(model="bert-base", methods=("lora-r8",), batch=B, seq=T, abstract=True))
+    return ModelBuilder(BenchSpec(model="bert-base", methods=("lora",), batch=B, seq=T, abstract=True))
 
 
 @pytest.fixture(scope="module")
 def lora_step(builder):
     """The compiled LoRA-r8 step and its state (shapes only)."""
-    state = build_state(builder, method_config("lora-r8", "bert"))
+    state = build_state(builder, method_config("lora", "bert"))
     loss = loss_and_stats("classification")
     batch = builder.batch(concrete=False)
     compiled = make_train_step(lambda m, b: loss(m, b)).lower(state, batch).compile()
@@ -52,7 +52,7 @@ def test_lora_step_flops_at_most_70_percent_of_full(builder, lora_step):
 
 
 def _lora_model(builder, rank: int, alpha: float) -> nnx.Module:
-    config = dataclasses.replace(method_config("lora-r8", "bert"), rank=rank, alpha=alpha)
+    config = dataclasses.replace(method_config("lora", "bert"), rank=rank, alpha=alpha)
     return nnx.eval_shape(lambda: apply(builder(), config))
 
 

@@ -176,7 +176,7 @@ def test_prompt_tuning_classifier_logits_match_hf_peft(minilm_path, batch):
         prompt_tuning_init_text=text, tokenizer_name_or_path=minilm_path,
     )  # fmt: skip
     theirs = peft.get_peft_model(reference, config).eval()
-    model = from_pretrained(minilm_path, task="sequence-classification", num_labels=3)
+    model = from_pretrained(minilm_path, task="classification", num_labels=3)
     model.classifier.kernel[...] = jnp.asarray(reference.classifier.weight.detach().numpy().T)
     model.classifier.bias[...] = jnp.asarray(reference.classifier.bias.detach().numpy())
     ids = transformers.AutoTokenizer.from_pretrained(minilm_path)(text)["input_ids"]

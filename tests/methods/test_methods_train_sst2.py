@@ -63,7 +63,7 @@ def sst2():
                         text_columns=("sentence",), label_column="label", max_length=MAX_LENGTH,
                         bucket_lengths=(MAX_LENGTH,), max_train_rows=STEPS * BATCH, max_eval_rows=EVAL_ROWS)
     task = load_data(config, load_tokenizer(checkpoint))
-    base = from_pretrained(checkpoint, task="sequence-classification", num_labels=2)
+    base = from_pretrained(checkpoint, task="classification", num_labels=2)
     batches = list(task.train_loader(BATCH, seed=0).iterate(stop_epoch=1))
     assert len(batches) == STEPS
     positive_rate = float(np.mean(np.asarray(task["eval"].labels)))

@@ -53,7 +53,7 @@ def test_bert_sequence_classification_reads_position_0_of_the_prompted_sequence(
 
 
 def test_bert_token_classification_drops_the_virtual_positions():
-    model, base = prompted_and_base("bert-tiny", task="token-classification", num_labels=3)
+    model, base = prompted_and_base("bert-tiny", task="token_classification", num_labels=3)
     ids, mask = batch()
     out = model(ids, mask)
     assert out.logits.shape == (2, 8, 3)
@@ -91,7 +91,7 @@ def hf_prompt_tuning(path, task_type, seed=0, **model_kwargs):
     torch.manual_seed(seed)
     reference = cls.from_pretrained(path, **model_kwargs).eval()
     theirs = get_peft_model(reference, HFPromptTuningConfig(task_type=task_type, num_virtual_tokens=N)).eval()
-    task = "causal-lm" if task_type == "CAUSAL_LM" else "sequence-classification"
+    task = "causal_lm" if task_type == "CAUSAL_LM" else "classification"
     ours = from_pretrained(path, task=task, **model_kwargs)
     peftjax.apply(ours, PromptTuningConfig(num_virtual_tokens=N))
     ours.eval()

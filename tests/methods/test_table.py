@@ -36,6 +36,7 @@ def _toy():
 
 def _text(preset: str, **kwargs):
     model = from_config(preset, seed=0, **kwargs)
+    model.train()  # dropout on: the dropout rows train through it
     ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 1000)
     mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
     return model, (ids, mask)
@@ -43,6 +44,7 @@ def _text(preset: str, **kwargs):
 
 def _vit():
     model = from_config("vit-tiny", num_labels=3, seed=0)
+    model.train()
     return model, (jax.random.normal(jax.random.key(1), (2, 3, 32, 32)),)
 
 

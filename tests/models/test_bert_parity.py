@@ -157,7 +157,7 @@ def test_head_on_bare_checkpoint_is_reported_new(tiny_checkpoints, caplog):
     with caplog.at_level("WARNING", logger="peftjax.models"):
         model, report = models.from_pretrained(
             folder,
-            task="sequence-classification",
+            task="classification",
             num_labels=5,
             seed=jax.random.key(0, impl="rbg"),  # quick to compile on CPU
             output_loading_info=True,

@@ -158,23 +158,23 @@ def build(tiny_checkpoint):
 @pytest.mark.parametrize(
     "name, task, expected",
     [
-        ("bert-tiny", "sequence-classification", {
+        ("bert-tiny", "classification", {
             "bert.embeddings.input_embeddings",
             "bert.encoder.layer.1.after_attention",
             "bert.encoder.layer.1.after_mlp",
             "bert.encoder.layer.1.attention.self.attention_kv",
         }),
-        ("roberta-tiny", "token-classification", {
+        ("roberta-tiny", "token_classification", {
             "roberta.embeddings.input_embeddings",
             "roberta.encoder.layer.0.attention.self.attention_kv",
         }),
-        ("llama-tiny", "causal-lm", {
+        ("llama-tiny", "causal_lm", {
             "model.input_embeddings",
             "model.layers.1.after_attention",
             "model.layers.1.after_mlp",
             "model.layers.0.self_attn.attention_kv",
         }),
-        ("vit-tiny", "image-classification", {
+        ("vit-tiny", "image_classification", {
             "vit.embeddings.input_embeddings",
             "vit.encoder.layer.1.after_mlp",
             "vit.encoder.layer.0.attention.attention.attention_kv",
@@ -196,8 +196,8 @@ def test_every_layer_has_its_points(name, task, expected):
 
 @pytest.mark.parametrize(
     "name, task",
-    [("bert-tiny", "sequence-classification"), ("llama-tiny", "causal-lm"),
-     ("vit-tiny", "image-classification")],
+    [("bert-tiny", "classification"), ("llama-tiny", "causal_lm"),
+     ("vit-tiny", "image_classification")],
 )
 def test_identity_points_change_nothing_and_see_the_contract_shapes(build, name, task):
     model = build(name, task)
@@ -233,9 +233,9 @@ def test_identity_points_change_nothing_and_see_the_contract_shapes(build, name,
 @pytest.mark.parametrize(
     "name, task",
     [
-        ("bert-tiny", "sequence-classification"),
-        ("roberta-tiny", "token-classification"),
-        ("llama-tiny", "sequence-classification"),
+        ("bert-tiny", "classification"),
+        ("roberta-tiny", "token_classification"),
+        ("llama-tiny", "classification"),
     ],
 )
 def test_prepended_token_embeddings_equal_a_longer_input(build, name, task):
@@ -265,7 +265,7 @@ def test_prepended_token_embeddings_equal_a_longer_input(build, name, task):
     np.testing.assert_allclose(
         short.last_hidden_state, long.last_hidden_state[:, 3:], atol=TOL, rtol=0
     )
-    if task == "token-classification":
+    if task == "token_classification":
         assert short.logits.shape == (2, 6, 3)
         np.testing.assert_allclose(short.logits, long.logits[:, 3:], atol=TOL, rtol=0)
     else:  # BERT: position 0 of the long run; Llama: the last real token, in both runs
@@ -275,7 +275,7 @@ def test_prepended_token_embeddings_equal_a_longer_input(build, name, task):
 def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled(build):
     """A masked-out prefix before [CLS] changes nothing: the classifier still
     reads the image's [CLS] state, which the output keeps at index 0."""
-    model = build("vit-tiny", "image-classification")
+    model = build("vit-tiny", "image_classification")
     rng = np.random.default_rng(0)
     pixels = jnp.asarray(rng.normal(size=(2, 3, 32, 32)), jnp.float32)
     before = run(model, {"pixel_values": pixels})
@@ -292,8 +292,8 @@ def test_vit_hidden_prefix_is_invisible_and_cls_is_pooled(build):
 
 @pytest.mark.parametrize("name", ["bert-tiny", "llama-tiny", "vit-tiny"])
 def test_masked_out_key_value_prefix_changes_nothing(build, name):
-    task = {"bert-tiny": "sequence-classification", "llama-tiny": "causal-lm"}.get(name)
-    model = build(name, task or "image-classification")
+    task = {"bert-tiny": "classification", "llama-tiny": "causal_lm"}.get(name)
+    model = build(name, task or "image_classification")
     inputs = (
         {"pixel_values": jnp.ones((2, 3, 32, 32))} if name.startswith("vit") else text_inputs(model)
     )
@@ -317,7 +317,7 @@ def test_llama_key_value_prefix_is_a_visible_causal_prefix(build):
     first keys/values prepended. Identical logits show the prefix is visible
     to every query and the causal mask is offset by kv_len - q_len.
     """
-    model = build("llama-tiny", "causal-lm")
+    model = build("llama-tiny", "causal_lm")
     ids = jnp.asarray([[5, 17, 9, 33, 2, 8, 21, 4]])
     log = Log()
     recorders = {}
@@ -339,7 +339,7 @@ def test_llama_key_value_prefix_is_a_visible_causal_prefix(build):
 
 
 def test_points_with_parameters_are_skipped_by_save_pretrained(build, tmp_path, caplog):
-    model = build("llama-tiny", "causal-lm")
+    model = build("llama-tiny", "causal_lm")
     prefix = jnp.zeros((1, 2, 64))
     replace_points(model, {InputEmbeddings: lambda path: PrependEmbeddings(prefix)})
     with caplog.at_level("WARNING", logger="peftjax.models"):

@@ -4,7 +4,7 @@ Each variant is a tiny random transformers model saved to a temporary folder
 once per module, loaded by ``from_pretrained`` and run on the same padded
 batch. Together they cover grouped-query attention, llama3 and linear RoPE
 scaling, tied and untied embeddings, Qwen2's q/k/v biases, Mistral's sliding
-window, right and left padding, and the sequence-classification head.
+window, right and left padding, and the sequence classification head.
 """
 
 import jax.numpy as jnp

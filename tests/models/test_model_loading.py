@@ -41,14 +41,14 @@ def rbg_key(seed: int) -> jax.Array:
 @pytest.fixture(scope="module")
 def bert_folder(tiny_checkpoint, tmp_path_factory):
     """A BERT sequence classifier (3 labels), re-saved by peftjax."""
-    model = models.from_pretrained(tiny_checkpoint("bert-tiny", "sequence-classification"))
+    model = models.from_pretrained(tiny_checkpoint("bert-tiny", "classification"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("bert-seq"))
 
 
 @pytest.fixture(scope="module")
 def llama_folder(tiny_checkpoint, tmp_path_factory):
     """A tied-embedding Llama causal LM, re-saved by peftjax."""
-    model = models.from_pretrained(tiny_checkpoint("llama-tiny", "causal-lm"))
+    model = models.from_pretrained(tiny_checkpoint("llama-tiny", "causal_lm"))
     return models.save_pretrained(model, tmp_path_factory.mktemp("llama"))
 
 
@@ -157,7 +157,7 @@ def test_hub_ids_go_through_snapshot_download(bert_folder, monkeypatch):
 
 def test_from_config_initialises_like_transformers():
     model = models.from_config("bert-tiny", seed=rbg_key(0))
-    assert not model.embeddings.dropout.deterministic  # built in training mode
+    assert model.embeddings.dropout.deterministic  # eval mode, as from_pretrained returns a model
     kernel = np.asarray(model.encoder.layer[0].attention.self.query.kernel[...])
     assert abs(kernel.std() - 0.02) < 0.004  # N(0, initializer_range)
     np.testing.assert_array_equal(model.embeddings.word_embeddings.embedding[0], 0.0)  # padding

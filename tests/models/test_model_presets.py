@@ -22,13 +22,13 @@ COUNTED = {
     "roberta-base": (None, transformers.RobertaModel),
     "vit-base": (None, transformers.ViTModel),
     "llama-1b": (None, transformers.LlamaForCausalLM),
-    "bert-tiny": ("token-classification", transformers.BertForTokenClassification),
-    "roberta-tiny": ("sequence-classification", transformers.RobertaForSequenceClassification),
-    "llama-tiny": ("sequence-classification", transformers.LlamaForSequenceClassification),
-    "vit-tiny": ("image-classification", transformers.ViTForImageClassification),
-    "resnet-18": ("image-classification", transformers.ResNetForImageClassification),
-    "resnet-34": ("image-classification", transformers.ResNetForImageClassification),
-    "resnet-50": ("image-classification", transformers.ResNetForImageClassification),
+    "bert-tiny": ("token_classification", transformers.BertForTokenClassification),
+    "roberta-tiny": ("classification", transformers.RobertaForSequenceClassification),
+    "llama-tiny": ("classification", transformers.LlamaForSequenceClassification),
+    "vit-tiny": ("image_classification", transformers.ViTForImageClassification),
+    "resnet-18": ("image_classification", transformers.ResNetForImageClassification),
+    "resnet-34": ("image_classification", transformers.ResNetForImageClassification),
+    "resnet-50": ("image_classification", transformers.ResNetForImageClassification),
     "resnet-tiny": (None, transformers.ResNetModel),
 }
 
@@ -85,7 +85,7 @@ def test_presets_listing_and_unknown_names():
     with pytest.raises(models.ModelLoadError, match="Unknown preset 'gpt-2'.*bert-base"):
         models.from_config("gpt-2")
     with pytest.raises(models.ModelLoadError, match="not available for model_type 'vit'"):
-        models.from_config("vit-tiny", task="causal-lm", abstract=True)
+        models.from_config("vit-tiny", task="causal_lm", abstract=True)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_presets_listing_and_unknown_names():
         ("vit-tiny", {"num_labels": 10}, models.ViTForImageClassification),
         ("resnet-tiny", {}, models.ResNetModel),
         ("resnet-18", {"num_labels": 10}, models.ResNetForImageClassification),
-        (models.PRESETS["roberta-tiny"], {"task": "token-classification"},
+        (models.PRESETS["roberta-tiny"], {"task": "token_classification"},
          models.BertForTokenClassification),
     ],
 )

@@ -21,7 +21,7 @@ from peftjax.core.adapter_io import adapter_state
 from peftjax.core.batch_stats import batch_norms
 from peftjax.core.paths import dotted
 from peftjax.models import from_pretrained
-from peftjax.models.loading import checkpoint_names
+from peftjax.models.layouts import checkpoint_names
 from peftjax.train.state import TrainState, make_train_step
 
 ATOL = 1e-4

@@ -14,7 +14,7 @@ import tiny_checkpoints  # tests/models helper (see its docstring)
 from peftjax import models
 from peftjax.core.paths import dotted
 from peftjax.models.batch_norm import BatchNorm
-from peftjax.models.loading import checkpoint_names
+from peftjax.models.layouts import checkpoint_names
 
 ATOL = 1e-4  # max abs difference to transformers in float32
 

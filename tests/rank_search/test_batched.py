@@ -25,7 +25,9 @@ MEMBERS = [Member(1, 1e-2), Member(2, 5e-3), Member(4, 1e-2), Member(8, 2e-3)]
 
 def tiny_bert():
     """bert-tiny cut to one layer (compiles fast); training mode, so dropout draws from each member's RNG."""
-    return from_config("bert-tiny", num_labels=2, num_hidden_layers=1, seed=0)
+    model = from_config("bert-tiny", num_labels=2, num_hidden_layers=1, seed=0)
+    model.train()
+    return model
 
 
 def make_tx(learning_rate: float) -> optax.GradientTransformation:

@@ -1,4 +1,4 @@
-"""layer_freeze: layer groups of every model family, labels that freeze the embeddings
+"""layer_freeze: labels that freeze the embeddings
 and the bottom layers (their adapters included), errors that name the key, and a run
 from YAML through ``peftjax train`` on SST-2."""
 
@@ -25,24 +25,6 @@ from peftjax.strategies.base import build_strategies, stage_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "experiments" / "configs" / "sst2_minilm_layer_freeze.yaml"
-
-
-@pytest.mark.parametrize(
-    ("preset", "task", "embeddings", "blocks", "head"),
-    [
-        ("bert-tiny", "sequence-classification", "bert.embeddings", "bert.encoder.layer", ("classifier",)),
-        ("roberta-tiny", "sequence-classification", "roberta.embeddings", "roberta.encoder.layer", ("classifier",)),
-        ("llama-tiny", "sequence-classification", "model.embed_tokens", "model.layers", ("score",)),
-        ("llama-tiny", "causal-lm", "model.embed_tokens", "model.layers", ()),  # the head is the tied table
-        ("vit-tiny", "image-classification", "vit.embeddings", "vit.encoder.layer", ("classifier",)),
-    ],
-)
-def test_layer_groups_of_every_model_family(preset, task, embeddings, blocks, head):
-    model = from_config(preset, task=task, num_labels=2)
-    groups = peftjax.layer_groups(model)
-    layers = model.config.num_hidden_layers
-    expected = [("embeddings", (embeddings,)), *[(f"layer.{i}", (f"{blocks}.{i}",)) for i in range(layers)]]
-    assert [(g.name, g.paths) for g in groups] == expected + ([("head", head)] if head else [])
 
 
 def labels_with(model, *strategies):

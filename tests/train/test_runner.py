@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -12,7 +13,7 @@ from safetensors.numpy import load_file
 
 from peftjax.config import load_config
 from peftjax.data import DataError, require_shared_data, sst2_path
-from peftjax.train.runner import NonFiniteLossError, run
+from peftjax.train.runner import RESULT_FILE, NonFiniteLossError, finished_result, run
 
 TINY = {
     "name": "tiny",
@@ -119,13 +120,14 @@ def test_bf16_remat_and_accumulation_keep_fp32_adapters(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
 
 
-def test_causal_lm_through_the_runner(tmp_path):
-    config = load(write_config(
-        tmp_path,
-        model={"name": "llama-tiny"},
-        methods=[{"type": "lora", "targets": ["q_proj", "v_proj"], "rank": 2}],
-        data={"task": "causal_lm", "label_column": None, "test_split": None},
-        train={"steps": 6, "eval_every": 0, "checkpoint_every": 0},
-    ))
-    result = run(config, progress=False)
-    assert 0 < result["metrics"]["eval_loss"] < 10 and "eval_accuracy" in result["metrics"]
+def test_a_finished_result_is_reused_only_for_the_same_config(tmp_path):
+    """What an experiment driver started again trusts: a result.json of this very config."""
+    config = load(write_config(tmp_path))
+    assert finished_result(config) is None, "no run yet"
+    out = pathlib.Path(config.output_dir)
+    out.mkdir()
+    (out / RESULT_FILE).write_text(json.dumps({"config": config.to_dict(), "metrics": {"test_accuracy": 0.5}}))
+    assert finished_result(config)["metrics"] == {"test_accuracy": 0.5}
+    moved = load(write_config(tmp_path), f"output_dir={os.path.relpath(out)}")
+    assert finished_result(moved) is not None, "the same folder, spelt relative"
+    assert finished_result(load(write_config(tmp_path), "train.steps=25")) is None, "an edited config"
