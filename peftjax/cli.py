@@ -1,5 +1,6 @@
-"""The ``peftjax`` command: ``train``, ``eval``, ``fisher``, ``rank-search``, ``bench``,
-``convert-adapter`` and ``combine-adapters``."""
+"""The ``peftjax`` command (also ``python -m peftjax``): ``train``, ``eval``, ``fisher``,
+``rank-search``, ``bench``, ``convert-adapter``, ``combine-adapters`` and the transfer
+commands (``similarity``, ``advise``, ``few-shot``, ``negative-transfer``)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,9 @@ import warnings
 
 
 def _load(path: str, overrides: list[str]):
-    from peftjax.config import load_config
-    from peftjax.data import check_data_files
-    from peftjax.methods.base import config_from_dict
-    from peftjax.strategies import strategy_from_dict
+    from peftjax.train.runner import load_experiment  # lazy: `peftjax --help` does not import jax
 
-    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
-    check_data_files(config.data)
-    return config
+    return load_experiment(path, overrides)
 
 
 def _train(args) -> int:
@@ -249,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
     combine.add_argument("--format", choices=("peft", "peftjax"), default="peft")
     combine.set_defaults(handler=_combine_adapters)
+
+    from peftjax.transfer.cli import register as register_transfer_commands
+
+    register_transfer_commands(commands)
+
+    for command in commands.choices.values():
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                             help="import this module first: methods and strategies it registers become usable "
+                                  "(repeatable; see peftjax.plugins)")
     return parser
 
 
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     code 2, a preempted run exits 128 + the signal's number. Any other
     exception is a bug and keeps its traceback."""
     from peftjax.errors import PeftError, PeftWarning, Preempted
+    from peftjax.plugins import load_plugins
 
     args = build_parser().parse_args(argv)
     show_warning = warnings.showwarning
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
             initialize(args.coordinator, args.num_processes, args.process_id,
                        heartbeat_timeout_s=args.heartbeat_timeout)
+        load_plugins(args.plugin)
         return args.handler(args)
     except PeftError as err:
         print(f"peftjax: error: {err}", file=sys.stderr, flush=True)

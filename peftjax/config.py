@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import yaml
 
+from peftjax.plugins import load_plugins
 from peftjax.schema import (
     ConfigDumper,
     ConfigError,
@@ -92,6 +93,9 @@ class ModelSpec(Section):
     checkpoint lacks trains along with the methods unless ``freeze_new_head``.
     ``options`` are extra keyword arguments for the model constructor (dropout
     rates, ...), passed through unchecked because the model owns them.
+    ``init: random`` builds the checkpoint's architecture with fresh random
+    weights instead of loading them: the baseline that tells whether
+    pretraining helps at all (``peftjax.transfer.negative_transfer``).
     """
 
     name: str
@@ -100,6 +104,7 @@ class ModelSpec(Section):
     num_labels: int | None = None
     freeze_new_head: bool = False
     options: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+    init: Literal["pretrained", "random"] = "pretrained"
 
     def _validate(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
@@ -158,7 +163,12 @@ class DataConfig(Section):
     Rows: ``max_*_rows`` keep a subset of a split. ``row_selection: first`` keeps
     the first N rows in file order; ``sample`` keeps N rows drawn without
     replacement by ``numpy.random.default_rng(row_seed)`` (kept in file order).
-    Both are deterministic.
+    Both are deterministic. ``holdout_rows: N`` makes the test split out of
+    the training file, for data that comes as one file: N rows drawn by
+    ``holdout_seed`` are the test split and never train (``test_split`` stays
+    null); ``max_train_rows`` then draws from the rest. ``shots_per_class: K``
+    keeps K training rows of every class, drawn by ``row_seed``: a few-shot
+    sample, exact per class and nested in K (``peftjax.data.subsets``).
 
     Shapes: sequences are truncated to ``max_length`` and each batch is padded
     to the smallest of ``bucket_lengths`` that fits its longest sequence
@@ -196,6 +206,9 @@ class DataConfig(Section):
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     cache_dir: str | None = None
+    holdout_rows: int | None = None
+    holdout_seed: int = 0
+    shots_per_class: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,6 +256,21 @@ class DataConfig(Section):
             require(len(self.image_mean) == len(self.image_std), "image_std", "needs one value per image_mean value")
         require(self.image_std is None or all(s > 0 for s in self.image_std), "image_std", "values must be positive")
         require(bool(self.train_split.strip()), "train_split", "every task needs a training split")
+        self._validate_subsets()
+
+    def _validate_subsets(self) -> None:
+        text = self.task != "image_classification"
+        if self.holdout_rows is not None:
+            require(text, "holdout_rows", "holds out rows of a text file; image folders have their own splits")
+            require(self.holdout_rows >= 1, "holdout_rows", f"must be at least 1, got {self.holdout_rows}")
+            require(self.test_split is None, "holdout_rows",
+                    f"makes the test split from the training file; set test_split: null (got {self.test_split!r})")
+        require(self.holdout_seed >= 0, "holdout_seed", "must not be negative (numpy seeds are non-negative)")
+        if self.shots_per_class is not None:
+            require(self.task == "classification", "shots_per_class", f"needs classes; the task is {self.task}")
+            require(self.shots_per_class >= 1, "shots_per_class", f"must be at least 1, got {self.shots_per_class}")
+            require(self.max_train_rows is None, "max_train_rows",
+                    "shots_per_class fixes the training rows; set max_train_rows: null")
 
     def resolved_bucket_lengths(self) -> tuple[int, ...]:
         """The padded lengths batches may have (the default when ``bucket_lengths`` is null)."""
@@ -385,6 +413,8 @@ class ExperimentConfig(Section):
 
     name: str = "experiment"
     output_dir: str | None = None
+    # Modules imported before the methods and strategies are read (see peftjax.plugins).
+    plugins: tuple[str, ...] = ()
     model: ModelSpec
     methods: tuple[FrozenDict, ...] = ()
     strategies: tuple[FrozenDict, ...] = ()
@@ -496,6 +526,7 @@ def load_config(
     except ConfigError as error:
         where = f" (config {path}" + (f", overrides {overrides})" if overrides else ")")
         raise ConfigError(error.detail + where, error.key) from None
+    load_plugins(config.plugins)
     if method_validator is not None:
         for index, spec in enumerate(config.methods):
             try:  # adapter_name is the runner's, not the method's

@@ -1,6 +1,7 @@
 """Shared fixtures: small NNX models that every core test can afford, the real
 MiniLM checkpoint, and a tiny Llama checkpoint for HF PEFT references."""
 
+import functools
 import os
 
 import jax
@@ -97,3 +98,18 @@ def tiny_llama_path(tmp_path_factory) -> str:
     config = transformers.AutoConfig.for_model(**PRESETS["llama-tiny"].to_hf_dict())
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def differentiated_by_jax(monkeypatch):
+    """Call it to have JAX differentiate the forward operations of ``lean_backward``'s
+    GELU, LayerNorm, RMSNorm and attention (``explicit_attention``) until the test ends."""
+    from peftjax.models import common, lean_backward
+
+    def switch() -> None:
+        monkeypatch.setitem(common.ACTIVATIONS, "gelu", functools.partial(jax.nn.gelu, approximate=False))
+        monkeypatch.setattr(lean_backward.LayerNorm, "__call__", nnx.LayerNorm.__call__)
+        monkeypatch.setattr(lean_backward.RMSNorm, "__call__", nnx.RMSNorm.__call__)
+        monkeypatch.setattr(common, "dot_product_attention", common.explicit_attention)
+
+    return switch

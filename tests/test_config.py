@@ -83,7 +83,7 @@ def test_defaults_are_resolved(tmp_path):
     assert config.optim.name == "adamw" and config.schedule.decay == "linear"
     resolved = config.to_dict()
     assert resolved["data"]["bucket_lengths"] is None and resolved["train"]["precision"] == "fp32"
-    sections = {"name", "output_dir", "model", "methods", "strategies", "data", "optim", "schedule", "train"}
+    sections = {"name", "output_dir", "plugins", "model", "methods", "strategies", "data", "optim", "schedule", "train"}
     assert set(resolved) == sections
 
 
@@ -146,7 +146,7 @@ def test_bad_overrides_are_explained(tmp_path):
         ("trian.steps=3", "trian: unknown key; did you mean 'train'?"),
         ("train.learning_rate=0.1", "train.learning_rate: unknown key; did you mean 'optim.learning_rate'?"),
         ("data.max_len=64", "data.max_length"),
-        ("zzz=1", "zzz: unknown key; valid keys here: name, output_dir, model"),
+        ("zzz=1", "zzz: unknown key; valid keys here: name, output_dir, plugins, model"),
     ],
 )
 def test_unknown_keys_get_a_did_you_mean_with_the_full_dotted_key(tmp_path, override, expected):

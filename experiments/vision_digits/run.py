@@ -105,10 +105,10 @@ def optimizer_for(arm: str, model: nnx.Module, steps: int) -> peftjax.PeftOptimi
 
 def build(arm: str, pretrained: pathlib.Path, seed: int) -> nnx.Module:
     if arm == "scratch":
-        return models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed))
+        return models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(seed))
     model = models.from_pretrained(pretrained, seed=seed)
     # Source and target both have 5 classes, so the checkpoint's head would load; the target gets a new one.
-    model.classifier = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(seed)).classifier
+    model.classifier = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(seed)).classifier
     if arm == "feature_extraction":
         peftjax.apply(model, peftjax.registered_methods()["linear_probe"]())
     elif arm == "conv_lora":
@@ -124,14 +124,23 @@ class Trainer:
         self.step = peftjax.make_train_step(loss_and_stats("image_classification"))
         self.templates: dict[str, peftjax.TrainState] = {}
 
-    def fit(self, key: str, model: nnx.Module, optimizer, x: np.ndarray, y: np.ndarray, steps: int, seed: int):
+    def state(self, key: str, model: nnx.Module, optimizer) -> peftjax.TrainState:
+        """A train state whose static part is the first one of ``key``'s, so a compiled step takes it."""
         state = peftjax.TrainState.create(model, optimizer)
         if key in self.templates:
-            state = state.replace(static=self.templates[key].static)
-        else:
-            self.templates[key] = state
+            return state.replace(static=self.templates[key].static)
+        self.templates[key] = state
+        return state
+
+    @staticmethod
+    def order(count: int, steps: int, seed: int) -> np.ndarray:
+        """The example order of ``steps`` batches: seeded reshuffles of ``count`` examples, end to end."""
         rng = np.random.default_rng((seed, 7))
-        order = np.concatenate([rng.permutation(len(y)) for _ in range(steps * BATCH // len(y) + 1)])
+        return np.concatenate([rng.permutation(count) for _ in range(steps * BATCH // count + 1)])
+
+    def fit(self, key: str, model: nnx.Module, optimizer, x: np.ndarray, y: np.ndarray, steps: int, seed: int):
+        state = self.state(key, model, optimizer)
+        order = self.order(len(y), steps, seed)
         ones = jnp.ones(BATCH, jnp.float32)
         for i in range(steps):
             rows = order[i * BATCH:(i + 1) * BATCH]
@@ -165,7 +174,7 @@ def main() -> None:
     source, target = digits(SOURCE), digits(TARGET)
     trainer = Trainer()
 
-    model = models.from_config(NETWORK, task="image-classification", rngs=nnx.Rngs(0))
+    model = models.from_config(NETWORK, task="image_classification", rngs=nnx.Rngs(0))
     optimizer = peftjax.make_optimizer(
         model, optax.adamw(optax.cosine_decay_schedule(PRETRAIN_LR, PRETRAIN_STEPS), weight_decay=1e-4),
         rules=[(nnx.Param, "trainable")])

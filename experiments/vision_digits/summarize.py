@@ -47,7 +47,10 @@ def domain_table(result: dict) -> str:
         mine = [r for r in rows if r["arm"] == arm]
         target = np.array([r["target_test_accuracy"] for r in mine])
         source = np.array([r["source_test_accuracy"] for r in mine])
-        lines.append(f"| {arm} | {mine[0]['train_images']} | {target.mean():.3f} ± {target.std():.3f} (n={len(mine)}) "
+        images = f"{mine[0]['train_images']}"
+        if "unlabelled_target_images" in mine[0]:
+            images += f" + {mine[0]['unlabelled_target_images']} unlabelled"
+        lines.append(f"| {arm} | {images} | {target.mean():.3f} ± {target.std():.3f} (n={len(mine)}) "
                      f"| {source.mean():.3f} ± {source.std():.3f} |")
     return "\n".join(lines)
 

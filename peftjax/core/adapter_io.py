@@ -40,7 +40,7 @@ from peftjax.core.labels import param_labels
 from peftjax.core.new_head import new_head
 from peftjax.core.paths import dotted
 from peftjax.errors import AdapterError, PeftError
-from peftjax.methods.base import FROZEN, config_from_dict
+from peftjax.methods.base import FROZEN, Slot, config_from_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,6 +90,8 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *, format: Literal[
         config, arrays = hf_peft.to_hf(model)
         metadata = {"format": "pt"}  # as torch-saved safetensors are marked
     elif format == "peftjax":
+        for name, method in applied_methods(model):
+            method.check_own_format(model, name)
         config = {
             "format_version": FORMAT_VERSION,
             "methods": [{"adapter_name": name, **c.to_dict()} for name, c in applied_methods(model)],
@@ -185,18 +187,17 @@ def _attach(model: nnx.Module, methods) -> nnx.Module:
     return model
 
 
-def _own_slots(model: nnx.Module, arrays, head_paths: set[str]) -> dict[str, hf_peft.Slot]:
+def _own_slots(model: nnx.Module, arrays, head_paths: set[str]) -> dict[str, Slot]:
     """peftjax's layout: each variable as it is, by dotted path; besides the
     required ones, the statistics of frozen batch norms a train state updated
     and a frozen new head, when the file holds them."""
-    same = lambda array: array  # noqa: E731
     variables = adapter_variables(model)
     variables.update({
         dotted(p): v for p, v in nnx.iter_graph(model)
         if (isinstance(v, nnx.BatchStat) or (isinstance(v, nnx.Param) and dotted(p) in head_paths))
         and dotted(p) in arrays
     })  # fmt: skip
-    return {k: hf_peft.Slot(v, tuple(v.get_value().shape), same, same) for k, v in variables.items()}
+    return {k: Slot.of(v, tuple(v.get_value().shape)) for k, v in variables.items()}
 
 
 def _misfit_hint(model: nnx.Module, missing: list[str], unexpected: list[str]) -> str:
@@ -266,8 +267,8 @@ def fill_adapter(model: nnx.Module, path: str | os.PathLike, *, adapter_name: st
     _attach(model, methods)
     slots = slots_of(model)
     for key, slot in slots.items():
-        slot.variable[...] = jax.numpy.asarray(slot.from_file(arrays[key]), dtype=slot.variable.dtype)
-    statistics = {key for key, slot in slots.items() if isinstance(slot.variable, nnx.BatchStat)}
+        slot.write(arrays[key])
+    filled = {id(v): v for slot in slots.values() for v in slot.variables}
+    statistics = {key for key, slot in slots.items() if any(isinstance(v, nnx.BatchStat) for v in slot.variables)}
     record_updated(model, {key.rpartition(".")[0] for key in statistics})
-    filled = {id(slot.variable) for slot in slots.values()}
     return {dotted(p) for p, v in nnx.iter_graph(model) if id(v) in filled}

@@ -23,10 +23,9 @@ File reading and writing are ``peftjax.core.adapter_io``'s.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -36,26 +35,21 @@ from peftjax.core.inject import applied_methods, iter_wrappers
 from peftjax.core.new_head import new_head
 from peftjax.core.paths import ALL_LINEAR, Targets, dotted, matches
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, MethodConfig, registered_methods
+from peftjax.methods.base import AdapterWrapper, MethodConfig, Slot, registered_methods
 from peftjax.models.layouts import checkpoint_names, to_model_layout, to_torch_layout, to_torch_shape
 from peftjax.variables import AdapterParam
 
 PREFIX = "base_model.model."
+# Prompt learning's PeftModel holds the transformers model itself as base_model: one level less.
+PROMPT_LEARNING_PREFIX = "base_model."
+# Our model classes' hf_architecture_suffix -> the task_type that makes HF PEFT apply prompt learning.
+TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+              "ForCausalLM": "CAUSAL_LM", "Model": "FEATURE_EXTRACTION"}
 # PeftConfig fields that say where an adapter came from or how it was used, not what it computes.
 PROVENANCE = frozenset(
     {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
 )
 _COMMON = ("target_modules", "exclude_modules", "modules_to_save")
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """One tensor of an adapter file and the model variable it is."""
-
-    variable: nnx.Variable
-    shape: tuple[int, ...]  # in the file
-    to_file: Callable[[np.ndarray], np.ndarray]
-    from_file: Callable[[np.ndarray], np.ndarray]
 
 
 class ModuleNames:
@@ -140,20 +134,25 @@ def _modules_to_save(model: nnx.Module, trained: Mapping[tuple, Any], names: Mod
     return [names.path(dotted(owner)) for owner in owners] or None
 
 
+def _prefix(config: MethodConfig) -> str:
+    return PROMPT_LEARNING_PREFIX if config.hf_prompt_learning else PREFIX
+
+
 def slots(model: nnx.Module, adapter_name: str, config: MethodConfig) -> dict[str, Slot]:
     """Every tensor an HF PEFT file of this adapter holds, by key (works on abstract models)."""
     names, found = ModuleNames(model), {}
     for path, wrapper in iter_wrappers(model):
-        if wrapper.adapter_name != adapter_name:
+        if wrapper.adapter_name != adapter_name or config.hf_prompt_learning:  # prompt learning: the model's tensors
             continue
         for name, tensor in wrapper.hf_tensors().items():
             variable = getattr(wrapper, tensor.attribute)
             from_torch = functools.partial(tensor.from_torch, ours=tuple(variable.shape))
-            found[f"{PREFIX}{names.path(path)}.{name}"] = Slot(variable, tensor.shape, tensor.to_torch, from_torch)
+            found[f"{PREFIX}{names.path(path)}.{name}"] = Slot.of(variable, tensor.shape, tensor.to_torch, from_torch)
+    found.update(config.hf_model_tensors(model, adapter_name))
     variables = dict(nnx.iter_graph(model))
     for path, (owner, leaf, layout) in _trained_base_params(model, config).items():
         variable = variables[path]
-        found[f"{PREFIX}{names.path(owner)}.{leaf}"] = Slot(
+        found[f"{_prefix(config)}{names.path(owner)}.{leaf}"] = Slot.of(
             variable,
             to_torch_shape(tuple(variable.shape), layout),
             functools.partial(to_torch_layout, layout=layout),
@@ -183,18 +182,26 @@ def to_hf(model: nnx.Module) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config.json, {key: torch-layout array})`` of the model's one adapter."""
     adapter_name, config = _only_adapter(model)
     names = ModuleNames(model)
-    wrapped = sorted(path for path, w in iter_wrappers(model) if w.adapter_name == adapter_name)
-    targets = [names.path(p) for p in wrapped] if config.targets == ALL_LINEAR else names.to_hf(config.targets)
-    common = {  # "all-linear" spelled out, as HF PEFT saves it
-        "target_modules": targets,
-        "exclude_modules": names.to_hf(config.exclude) or None,
+    common = {
         "modules_to_save": _modules_to_save(model, _trained_base_params(model, config), names),
         "task_type": None,
         "inference_mode": True,
     }
+    if config.hf_prompt_learning:  # no target modules; the task class applies the prompt
+        suffix = getattr(type(model), "hf_architecture_suffix", None)
+        if suffix not in TASK_TYPES:
+            raise PeftError(f"{type(config).__name__} has no HF PEFT form on {type(model).__name__}: HF PEFT applies "
+                            f"prompt learning through a task class, and it has none for this model")
+        common.update(task_type=TASK_TYPES[suffix], **config.hf_model_fields(model))
+    else:
+        wrapped = sorted(path for path, w in iter_wrappers(model) if w.adapter_name == adapter_name)
+        targets = [names.path(p) for p in wrapped] if config.targets == ALL_LINEAR else names.to_hf(config.targets)
+        # "all-linear" spelled out, as HF PEFT saves it; exclude_modules only when set (HF's VeRA has no such field)
+        common.update(target_modules=targets)
+        if config.exclude:
+            common.update(exclude_modules=names.to_hf(config.exclude))
     tensors = {
-        key: np.ascontiguousarray(slot.to_file(np.asarray(slot.variable.get_value())))
-        for key, slot in slots(model, adapter_name, config).items()
+        key: np.ascontiguousarray(slot.read()) for key, slot in slots(model, adapter_name, config).items()
     }
     return {**config.to_hf(names), **common}, tensors
 
@@ -214,23 +221,32 @@ def method_from_hf(config: Mapping[str, Any], model: nnx.Module, *, source: str)
             f"supported: {sorted(known)}"
         )
     fields = {k: v for k, v in config.items() if k not in PROVENANCE and k not in _COMMON}
-    targets, exclude = config.get("target_modules"), config.get("exclude_modules") or ()
-    if targets is None or targets == ALL_LINEAR:
-        raise PeftError(
-            f"{source}: target_modules={targets!r}; peftjax needs the modules spelled out (HF PEFT writes them "
-            "out when it saves an adapter it created)"
-        )
-    if isinstance(exclude, str):
-        raise PeftError(f"{source}: exclude_modules={exclude!r} is a regex; peftjax's exclude takes module names")
-    names = ModuleNames(model)
+    reader, names = known[peft_type], ModuleNames(model)
+    for field, ours in reader.hf_model_fields(model).items():
+        theirs = fields.pop(field, None)
+        if theirs is not None and theirs != ours:
+            raise PeftError(
+                f"{source}: {field}={theirs!r}, but this model has {ours!r}; load the adapter onto the base model "
+                "it was trained on"
+            )
     saved = names.from_hf(config.get("modules_to_save") or [])
-    common = dict(
-        targets=names.from_hf(targets),
-        exclude=tuple(names.from_hf(list(exclude))),
-        also_train=tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in saved),  # every parameter under the module
-    )
+    if reader.hf_prompt_learning:
+        # HF PEFT's task classes list every head name they know ("classifier", "score"): keep the model's
+        saved = [name for name in dict.fromkeys(saved) if any(p == name or p.endswith("." + name) for p in names.paths)]
+        common = {}
+    else:
+        targets, exclude = config.get("target_modules"), config.get("exclude_modules") or ()
+        if targets is None or targets == ALL_LINEAR:
+            raise PeftError(
+                f"{source}: target_modules={targets!r}; peftjax needs the modules spelled out (HF PEFT writes them "
+                "out when it saves an adapter it created)"
+            )
+        if isinstance(exclude, str):
+            raise PeftError(f"{source}: exclude_modules={exclude!r} is a regex; peftjax's exclude takes module names")
+        common = dict(targets=names.from_hf(targets), exclude=tuple(names.from_hf(list(exclude))))
+    common["also_train"] = tuple(rf"(.*\.)?{re.escape(name)}\..+" for name in saved)  # every parameter under each
     try:
-        method = known[peft_type].from_hf(fields, names, **common)
+        method = reader.from_hf(fields, names, **common)
     except (TypeError, PeftError) as err:  # a field of the wrong type, or a value peftjax refuses
         raise PeftError(f"{source}: {err}") from None
     unread = {k: v for k, v in fields.items() if _is_set(v)}

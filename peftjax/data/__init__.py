@@ -21,8 +21,9 @@ causal_lm               ``input_ids``,      as above
                                             ``logits[:, :-1]``
 image_classification    ``pixel_values``    float32 [B, H, W, C]
                         ``labels``          int32 [B]
-every task              ``weights``         float32 [B]: 1 for a real example, 0 for
-                                            a row that only fills the last batch
+every task              ``weights``         float32 [B]: the example's weight (1 unless
+                                            the examples carry weights), 0 for a row
+                                            that only fills the last batch
 ======================  ==================  =========================================
 
 Shapes stay few so jit compiles few times: each text batch is padded to the

@@ -13,12 +13,23 @@ from peftjax.data.errors import DataError
 from peftjax.data.loader import BatchLoader
 
 # Label value that losses skip (the convention of Hugging Face and optax users).
-# Label value that losses skip (the convention of Hugging Face and optax users).
 IGNORE_INDEX = -100
 
 
 def _bucket_index(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
     return np.searchsorted(np.asarray(buckets), lengths, side="left")
+
+
+def _checked_weights(examples: TextExamples | ImageExamples, count: int) -> None:
+    """Stores ``examples.weights`` as float32 after checking it: one finite, non-negative weight per example."""
+    if examples.weights is None:
+        return
+    weights = np.asarray(examples.weights, np.float32)
+    if weights.shape != (count,):
+        raise DataError(f"weights must be one per example, [{count}], got shape {weights.shape}")
+    if not np.all(np.isfinite(weights)) or (weights < 0).any():
+        raise DataError("example weights must be finite and not negative")
+    object.__setattr__(examples, "weights", weights)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,7 +39,9 @@ class TextExamples:
     Sequence ``i`` is ``token_ids[offsets[i]:offsets[i + 1]]``. Flat storage
     keeps 60k sentences in two small arrays instead of 60k Python lists.
     ``labels`` is int32 [N] for classification and None for causal LM (whose
-    labels are the tokens themselves).
+    labels are the tokens themselves). ``weights`` (float32 [N], None for all
+    1) weight each example's loss in training batches: a strategy that
+    reweights or pseudo-labels a stream replaces them (``dataclasses.replace``).
     """
 
     token_ids: np.ndarray
@@ -37,6 +50,7 @@ class TextExamples:
     labels: np.ndarray | None
     pad_id: int
     bucket_lengths: tuple[int, ...]
+    weights: np.ndarray | None = None
     lengths: np.ndarray = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +63,7 @@ class TextExamples:
             )
         if self.labels is not None and len(self.labels) != len(lengths):
             raise DataError(f"{len(self.labels)} labels for {len(lengths)} sequences")
+        _checked_weights(self, len(lengths))
 
     @classmethod
     def from_sequences(
@@ -117,16 +132,19 @@ class TextExamples:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageExamples:
-    """Images of one split: float32 [N, H, W, C] (already resized and normalised) and labels."""
+    """Images of one split: float32 [N, H, W, C] (already resized and normalised), labels
+    and, optionally, per-example loss weights (as ``TextExamples.weights``)."""
 
     images: np.ndarray
     labels: np.ndarray
+    weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
             raise DataError(f"images must be [N, H, W, C], got shape {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"labels must be [N] = [{self.images.shape[0]}], got shape {self.labels.shape}")
+        _checked_weights(self, len(self.labels))
 
     @classmethod
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray) -> ImageExamples:

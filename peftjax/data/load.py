@@ -15,6 +15,7 @@ from peftjax.data.errors import DataError
 from peftjax.data.examples import TaskData, TextExamples
 from peftjax.data.images import load_image_task
 from peftjax.data.sources import SPLITS, local_split_path, read_table, select_rows, source_kind
+from peftjax.data.subsets import holdout_rows, k_shot_rows
 from peftjax.data.synthetic import synthetic_tokenizer
 from peftjax.data.tokenization import Tokenizer, document_separator, encode, padding_id, tokenizer_name
 
@@ -109,32 +110,50 @@ def load_data(config: DataConfig, tokenizer: Tokenizer | None = None) -> TaskDat
     return task
 
 
+def _within(candidates: np.ndarray | None, picked: np.ndarray | None) -> np.ndarray | None:
+    """Rows of the file: ``picked`` positions among ``candidates`` (None: all of them)."""
+    if picked is None:
+        return candidates
+    return picked if candidates is None else candidates[picked]
+
+
 def _load_text_task(config: DataConfig, tokenizer: Tokenizer) -> TaskData:
     buckets = config.resolved_bucket_lengths()
     limits = {"train": config.max_train_rows, "eval": config.max_eval_rows, "test": config.max_test_rows}
     pad_id = padding_id(tokenizer)
     splits: dict[str, TextExamples] = {}
     label_names: tuple[str, ...] | None = None
-    for split in SPLITS:
-        table = read_table(config, split)
+    tables = {split: read_table(config, split) for split in SPLITS}
+    candidates: dict[str, np.ndarray | None] = dict.fromkeys(SPLITS)  # the rows a split draws from; None: all
+    if config.holdout_rows is not None:  # the test split is held out of the training file
+        tables["test"] = tables["train"]
+        candidates["train"], candidates["test"] = holdout_rows(tables["train"].num_rows, config.holdout_rows,
+                                                               config.holdout_seed)
+    for split, table in tables.items():
         if table is None:
             continue
-        rows = select_rows(table.num_rows, limits[split], config.row_selection, config.row_seed)
+        available = table.num_rows if candidates[split] is None else len(candidates[split])
+        rows = _within(candidates[split], select_rows(available, limits[split], config.row_selection, config.row_seed))
+        if config.task == "causal_lm":
+            texts = table.column(config.text_columns[0], "data.text_columns", rows)
+            texts = ["" if text is None else str(text) for text in texts]
+            splits[split] = _language_model_examples(config, tokenizer, texts, table.where, buckets, pad_id)
+            continue
         texts = [table.column(column, "data.text_columns", rows) for column in config.text_columns]
         texts = [["" if text is None else str(text) for text in column] for column in texts]
-        if config.task == "causal_lm":
-            splits[split] = _language_model_examples(config, tokenizer, texts[0], table.where, buckets, pad_id)
-            continue
+        where = f"{table.where} column {config.label_column!r}"
         labels = table.column(config.label_column, "data.label_column", rows)
         if split == "train":  # the training split fixes the class names for the others
             label_names = table.label_names(config.label_column) or _class_names_from_strings(labels)
-        where = f"{table.where} column {config.label_column!r}"
         label_ids = _label_ids(labels, where, label_names)
         if split != "train" and label_names is None and "train" in splits:
             unseen = sorted({int(i) for i in label_ids if i > splits["train"].labels.max()})
             if unseen:
                 raise DataError(f"{where} has labels {unseen[:5]} that the training split lacks; "
                                 f"classes: 0..{int(splits['train'].labels.max())}")
+        if split == "train" and config.shots_per_class is not None:
+            picked = k_shot_rows(label_ids, config.shots_per_class, config.row_seed, names=label_names)
+            texts, label_ids = [[column[i] for i in picked] for column in texts], label_ids[picked]
         ids, types = encode(tokenizer, texts[0], texts[1] if len(texts) > 1 else None, config.max_length)
         splits[split] = TextExamples.from_sequences(
             ids, labels=label_ids, token_type_ids=types, pad_id=pad_id, bucket_lengths=buckets

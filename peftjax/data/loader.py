@@ -43,6 +43,8 @@ class Examples(Protocol):
 
     def __len__(self) -> int: ...
 
+    weights: np.ndarray | None  # per-example loss weights, None for all 1
+
     def collate(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The batch made of these examples, in this order."""
         ...
@@ -139,7 +141,8 @@ class BatchLoader:
         return batches
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch of these examples, filled to ``batch_size`` with weight-0 copies."""
+        """The batch of these examples, filled to ``batch_size`` with weight-0 copies;
+        a real row's weight is its example's (1 unless the examples carry weights)."""
         indices = np.asarray(indices, dtype=np.int64)
         real = len(indices)
         if real > self.batch_size or real == 0:
@@ -147,7 +150,7 @@ class BatchLoader:
         filled = np.concatenate([indices, np.full(self.batch_size - real, indices[-1])])
         batch = self.examples.collate(filled)
         weights = np.zeros(self.batch_size, np.float32)
-        weights[:real] = 1.0
+        weights[:real] = 1.0 if self.examples.weights is None else self.examples.weights[indices]
         batch["weights"] = weights
         return batch
 

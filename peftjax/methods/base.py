@@ -17,9 +17,11 @@ the config on the model so labels, counting, merging and saving find it.
 
 A method that has an HF PEFT counterpart also declares how it maps to HF
 PEFT's files, in its own file: ``hf_peft_type`` and ``to_hf`` / ``from_hf`` on
-the config, ``hf_tensors`` on the wrapper (see ``HfTensor``), and, if HF PEFT
-has default target modules for it, ``default_targets``. The format itself is
-``peftjax.core.hf_peft``'s.
+the config, ``hf_tensors`` on the wrapper (see ``HfTensor``), tensors that
+belong to no one module and config fields HF PEFT takes from the model in
+``hf_model_tensors`` / ``hf_model_fields`` (VeRA's shared matrices, prompt
+learning's ``prompt_embeddings``), and, if HF PEFT has default target modules
+for it, ``default_targets``. The format itself is ``peftjax.core.hf_peft``'s.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
 from flax import nnx
 
 from peftjax.core.paths import ALL_LINEAR, Targets, validate_targets
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
+from peftjax.plugins import load_entry_points
 
 # Label of parameters that do not train; make_optimizer maps it to optax.set_to_zero().
 FROZEN = "frozen"
@@ -82,10 +86,40 @@ class HfTensor:
         return np.transpose(value.reshape(transposed), np.argsort(self.axes))
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One tensor of an adapter file: its ``shape`` in the file, ``read()``, its
+    value from the model, and ``write(array)``, which sets the model's variables
+    from the file's value. A slot may stand for one variable or several (prefix
+    tuning's ``prompt_embeddings`` holds every layer's prefixes)."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+    write: Callable[[np.ndarray], None]
+    variables: tuple[nnx.Variable, ...] = ()  # what ``write`` sets
+
+    @classmethod
+    def of(
+        cls,
+        variable: nnx.Variable,
+        shape: tuple[int, ...],
+        to_file: Callable[[np.ndarray], np.ndarray] = np.asarray,
+        from_file: Callable[[np.ndarray], np.ndarray] = np.asarray,
+    ) -> Slot:
+        """The slot of one variable, stored as ``to_file`` of its value."""
+
+        def write(array: np.ndarray) -> None:
+            variable[...] = jax.numpy.asarray(from_file(array), dtype=variable.dtype)
+
+        return cls(shape, lambda: to_file(np.asarray(jax.device_get(variable.get_value()))), write, (variable,))
+
+
 def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     """Build a method config from ``{"type": name, **fields}`` (YAML/JSON form)."""
     data = dict(data)
     name = data.pop("type", None)
+    if name not in _REGISTRY:
+        load_entry_points()  # an installed plugin's method
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f" Did you mean {close}?" if close else ""
@@ -122,6 +156,9 @@ class MethodConfig:
     default_targets: ClassVar[Mapping[str, Targets]] = {}
     # The HF PEFT ``peft_type`` whose adapter_config.json ``from_hf`` reads (None: no HF form).
     hf_peft_type: ClassVar[str | None] = None
+    # Whether HF PEFT counts the method as prompt learning: its state lives on the PeftModel, not in
+    # the model's modules, and it applies through a task class (see peftjax.core.hf_peft).
+    hf_prompt_learning: ClassVar[bool] = False
 
     targets: Targets | None = None
     exclude: Targets = ()
@@ -180,6 +217,23 @@ class MethodConfig:
         any left that is set; ``names.from_hf`` reads a module selector of its
         own. ``common`` holds ``targets``, ``exclude`` and ``also_train``."""
         raise PeftError(f"{cls.__name__} cannot read HF PEFT configs")
+
+    def hf_model_tensors(self, model: nnx.Module, adapter_name: str) -> dict[str, Slot]:
+        """The adapter's tensors in an HF PEFT file that belong to no one module,
+        by file key (``"base_model.vera_A"``, ``"prompt_embeddings"``); works on
+        abstract models (only shapes are read there)."""
+        return {}
+
+    @classmethod
+    def hf_model_fields(cls, model: nnx.Module) -> dict[str, Any]:
+        """Fields of the HF PEFT config that HF PEFT takes from the base model
+        (prompt learning's ``num_layers``, ``token_dim``, ``num_attention_heads``);
+        written on export and checked against ``model`` on import."""
+        return {}
+
+    def check_own_format(self, model: nnx.Module, adapter_name: str) -> None:
+        """Raise a ``PeftError`` if peftjax's adapter format, which holds the
+        trained parameters only, would not restore this adapter on ``model``."""
 
     def wrap(self, module: nnx.Module, *, adapter_name: str, rngs: nnx.Rngs) -> AdapterWrapper:
         """Build the wrapper that replaces ``module`` (methods with target types)."""

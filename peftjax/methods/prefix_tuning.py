@@ -42,6 +42,12 @@ Prefixes are standard normal at initialisation (torch's ``nn.Embedding``
 default, as HF PEFT), and MLP kernels and biases uniform on +-1/sqrt(fan_in)
 (torch's ``nn.Linear`` default); the same test compares these with HF PEFT's.
 The model's output changes from the start; there is no merged form.
+
+HF PEFT's format: ``peft_type`` PREFIX_TUNING, every layer's prefixes in one
+``prompt_embeddings`` (N, L 2 kv_dim), each row laid out (layer, key/value,
+head, head_dim), as HF PEFT saves them: folded, whether trained with the
+projection or not (so the files say ``prefix_projection=false``). HF PEFT
+prefixes every layer, so an adapter on some layers only has no HF form.
 """
 
 from __future__ import annotations
@@ -52,14 +58,18 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.methods.base import AdapterWrapper, MethodConfig, Slot, register_method
 from peftjax.points import AttentionKeyValue
 from peftjax.variables import AdapterParam
 
 DEFAULT_TARGETS = ("attention_kv",)
+# HF PEFT's SEQ_CLS and TOKEN_CLS classes run prefix tuning only on a model whose forward (or
+# its backbone's) names past_key_values; no transformers 5 model here does (peft 0.21, peft_model.py)
+_NO_HF_PREFIX = ("ForSequenceClassification", "ForTokenClassification")
 
 
 class PrefixKeyValue(AdapterParam):
@@ -102,6 +112,8 @@ class PrefixTuningConfig(MethodConfig):
     """
 
     target_types = (AttentionKeyValue,)
+    hf_peft_type = "PREFIX_TUNING"
+    hf_prompt_learning = True
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
@@ -122,6 +134,55 @@ class PrefixTuningConfig(MethodConfig):
             "encoder_hidden_size",
             "must be a positive integer or None",
         )
+
+    def to_hf(self, names):
+        return dict(peft_type="PREFIX_TUNING", num_virtual_tokens=self.num_virtual_tokens, prefix_projection=False)
+
+    @classmethod
+    def from_hf(cls, fields, names, **common):
+        for projection in ("prefix_projection", "encoder_hidden_size"):
+            fields.pop(projection, None)  # the file holds the prefixes the projection made, as HF PEFT saves them
+        return cls(num_virtual_tokens=fields.pop("num_virtual_tokens"), **common)
+
+    @classmethod
+    def hf_model_fields(cls, model):
+        heads, head_dim = attention_shape(model)
+        return dict(num_layers=model.config.num_hidden_layers, token_dim=heads * head_dim, num_attention_heads=heads,
+                    num_transformer_submodules=1)
+
+    def hf_model_tensors(self, model, adapter_name):
+        from peftjax.core.inject import iter_wrappers  # the engine imports the methods package, which imports this file
+        from peftjax.models.registry import hf_architecture
+
+        if type(model).hf_architecture_suffix in _NO_HF_PREFIX:
+            raise PeftError(
+                f"prefix tuning on {hf_architecture(model)} has no HF PEFT form: HF PEFT's classification task "
+                "classes need past_key_values in the forward signature, which transformers 5's models do not "
+                "declare; prefix the bare model (task 'base') or save with format='peftjax'"
+            )
+        found = [(p, w) for p, w in iter_wrappers(model) if w.adapter_name == adapter_name]
+        layers = [w for _, w in sorted(found, key=lambda item: [int(k) if k.isdigit() else k
+                                                                 for k in item[0].split(".")])]
+        if len(layers) != model.config.num_hidden_layers:
+            raise PeftError(
+                f"prefix tuning on {len(layers)} of {model.config.num_hidden_layers} layers has no HF PEFT form "
+                "(HF PEFT prefixes every layer); target every attention layer or save with format='peftjax'"
+            )
+        heads, head_dim = attention_shape(model)
+        shape = (self.num_virtual_tokens, len(layers), 2, heads, head_dim)
+
+        def read() -> np.ndarray:
+            stacked = [np.stack([np.asarray(kv) for kv in w.prefixes()], axis=1) for w in layers]  # (N, 2, m, h)
+            return np.stack(stacked, axis=1).reshape(shape[0], -1)
+
+        def write(array: np.ndarray) -> None:
+            array = array.reshape(shape)
+            for index, wrapper in enumerate(layers):
+                wrapper.prefix_keys[...] = jnp.asarray(array[:, index, 0], wrapper.prefix_keys.dtype)
+                wrapper.prefix_values[...] = jnp.asarray(array[:, index, 1], wrapper.prefix_values.dtype)
+
+        written = tuple(v for w in layers for v in (w.prefix_keys, w.prefix_values) if v is not None)
+        return {"prompt_embeddings": Slot((shape[0], math.prod(shape[1:])), read, write, written)}
 
     def wrap(self, module, *, adapter_name, rngs):
         raise PeftError("PrefixTuningConfig sizes its prefixes from the model: apply it with peftjax.apply")

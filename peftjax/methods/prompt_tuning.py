@@ -33,6 +33,12 @@ Initialisation (``init``):
 
 The virtual tokens change the model's output from the start (no identity at
 init) and have no merged form.
+
+HF PEFT's format: ``peft_type`` PROMPT_TUNING, P as ``prompt_embeddings``
+(N, d), and the model's sizes (``num_layers``, ``token_dim``,
+``num_attention_heads``), which loading checks. The initialisation is not
+carried across (the file holds the trained prompt): peftjax writes
+``prompt_tuning_init="RANDOM"``, so loading in PyTorch needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.errors import PeftError
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.methods.base import AdapterWrapper, MethodConfig, Slot, register_method
 from peftjax.points import InputEmbeddings
 from peftjax.variables import AdapterParam
 
@@ -82,6 +88,8 @@ class PromptTuningConfig(MethodConfig):
     """
 
     target_types = (InputEmbeddings,)
+    hf_peft_type = "PROMPT_TUNING"
+    hf_prompt_learning = True
 
     num_virtual_tokens: int = 20
     init: Literal["random", "text"] = "random"
@@ -108,6 +116,30 @@ class PromptTuningConfig(MethodConfig):
             self.init != "text" or bool(self.init_text_ids), "init_text_ids", "must not be empty when init='text'"
         )
         self.check(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or None")
+
+    def to_hf(self, names):
+        return dict(peft_type="PROMPT_TUNING", num_virtual_tokens=self.num_virtual_tokens, prompt_tuning_init="RANDOM")
+
+    @classmethod
+    def from_hf(cls, fields, names, **common):
+        for start in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
+            fields.pop(start, None)  # how the prompt started; the file holds its trained value
+        return cls(num_virtual_tokens=fields.pop("num_virtual_tokens"), **common)
+
+    @classmethod
+    def hf_model_fields(cls, model):
+        config = getattr(model, "config", None)
+        if not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")):
+            raise PeftError(f"HF PEFT's prompt tuning reads num_hidden_layers, hidden_size and num_attention_heads "
+                            f"from model.config, which {type(model).__name__} does not have")
+        return dict(num_layers=config.num_hidden_layers, token_dim=config.hidden_size,
+                    num_attention_heads=config.num_attention_heads, num_transformer_submodules=1)
+
+    def hf_model_tensors(self, model, adapter_name):
+        from peftjax.core.inject import iter_wrappers  # the engine imports the methods package, which imports this file
+
+        (prompt,) = [w.prompt for _, w in iter_wrappers(model) if w.adapter_name == adapter_name]
+        return {"prompt_embeddings": Slot.of(prompt, prompt.shape)}
 
     def wrap(self, module, *, adapter_name, rngs):
         raise PeftError("PromptTuningConfig starts from the model's embeddings: apply it with peftjax.apply")

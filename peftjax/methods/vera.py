@@ -24,6 +24,13 @@ The matrices are float32 ``AdapterBuffer`` variables, not parameters: adapter
 files hold only d and b.
 
 Merge adds ``A diag(d) B diag(b)`` to the kernel; unmerge subtracts it.
+
+HF PEFT's format: ``peft_type`` VERA, ``vera_lambda_d`` and ``vera_lambda_b``
+under each module, and the shared matrices as ``base_model.vera_A`` (r, I_max)
+and ``base_model.vera_B`` (O_max, r) (``save_projection``, which peftjax
+always writes and requires when reading: torch's generator cannot be replayed
+here). An adapter read from such a file keeps the file's matrices, which the
+seed cannot regenerate, so it is saved again in HF PEFT's format only.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.core.kernels import SUPPORTED_LAYERS, KernelLayout
-from peftjax.methods.base import AdapterWrapper, MethodConfig, register_method
+from peftjax.errors import PeftError
+from peftjax.methods.base import AdapterWrapper, HfTensor, MethodConfig, Slot, register_method
 from peftjax.variables import AdapterBuffer, AdapterParam
 
 _MATRIX_IDS = {"A": 0, "B": 1}
@@ -70,6 +79,7 @@ class VeraConfig(MethodConfig):
     """
 
     target_types = SUPPORTED_LAYERS
+    hf_peft_type = "VERA"
 
     rank: int = 256
     d_initial: float = 0.1
@@ -87,6 +97,40 @@ class VeraConfig(MethodConfig):
         bound = math.sqrt(6.0 / fan_in)
         return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
+    def to_hf(self, names):
+        if self.exclude:
+            raise PeftError("HF PEFT's VeRA has no exclude_modules: choose the modules with targets alone to save "
+                            "it in HF PEFT's format")
+        return dict(peft_type="VERA", r=self.rank, d_initial=self.d_initial, vera_dropout=self.dropout,
+                    projection_prng_key=self.seed, save_projection=True)
+
+    @classmethod
+    def from_hf(cls, fields, names, **common):
+        if not fields.pop("save_projection", True):
+            raise PeftError(
+                "save_projection=false: the file leaves out VeRA's shared matrices, which HF PEFT regenerates with "
+                "torch's generator and peftjax cannot; re-save the adapter in PyTorch with save_projection=True"
+            )
+        fields.pop("init_weights", None)  # how d and b start; the file holds their trained values
+        return cls(rank=fields.pop("r", 256), d_initial=fields.pop("d_initial", 0.1),
+                   dropout=fields.pop("vera_dropout", 0.0), seed=fields.pop("projection_prng_key", 0), **common)
+
+    def hf_model_tensors(self, model, adapter_name):
+        wrapper = _wrappers(model, adapter_name)[0]  # every wrapper holds the same two
+        a, b = wrapper.projection_a, wrapper.projection_b
+        return {"base_model.vera_A": Slot.of(a, a.shape[::-1], np.transpose, np.transpose),
+                "base_model.vera_B": Slot.of(b, b.shape[::-1], np.transpose, np.transpose)}
+
+    def check_own_format(self, model, adapter_name):
+        wrapper = _wrappers(model, adapter_name)[0]
+        a, b = wrapper.projection_a, wrapper.projection_b
+        if not (jnp.array_equal(a[...], self.projection("A", a.shape, a.shape[0]))
+                and jnp.array_equal(b[...], self.projection("B", b.shape, b.shape[0]))):
+            raise PeftError(
+                f"VeRA adapter {adapter_name!r} holds shared matrices read from an HF PEFT file, which peftjax's "
+                "format does not store (it regenerates them from the seed); save it with format='peft'"
+            )
+
     def wrap_all(
         self, modules: Sequence[nnx.Module], *, model: nnx.Module, adapter_name: str, rngs: nnx.Rngs
     ) -> list[AdapterWrapper]:
@@ -100,6 +144,12 @@ class VeraConfig(MethodConfig):
             VeraLinear(module, self, projection_a=a, projection_b=b, adapter_name=adapter_name, rngs=rngs)
             for module in modules
         ]
+
+
+def _wrappers(model: nnx.Module, adapter_name: str) -> list[VeraLinear]:
+    from peftjax.core.inject import iter_wrappers  # the engine imports the methods package, which imports this file
+
+    return [w for _, w in iter_wrappers(model) if isinstance(w, VeraLinear) and w.adapter_name == adapter_name]
 
 
 class VeraLinear(AdapterWrapper):
@@ -148,6 +198,12 @@ class VeraLinear(AdapterWrapper):
         a, b = self.factors(jnp.float32)
         # B is (r, *output axes), so b broadcasts along its trailing axes.
         return self.layout.kernel_from_factors(a * self.scale_d[...], b * self.scale_b[...])
+
+    def hf_tensors(self) -> dict[str, HfTensor]:
+        if isinstance(self.base_layer, nnx.Einsum):
+            raise PeftError(f"{type(self).__name__} on an nnx.Einsum has no HF PEFT form (HF PEFT adapts nn.Linear)")
+        return {"vera_lambda_d": HfTensor("scale_d", (0,), self.scale_d.shape),
+                "vera_lambda_b": HfTensor("scale_b", (0,), self.scale_b.shape)}
 
     def _merge(self) -> None:
         kernel = self.base_layer.kernel

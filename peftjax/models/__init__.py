@@ -25,7 +25,7 @@ from peftjax.models.llama import (
     LlamaModel,
     RopeParameters,
 )
-from peftjax.models.loading import LoadReport, from_pretrained, save_pretrained
+from peftjax.models.loading import LoadReport, checkpoint_architecture, from_pretrained, save_pretrained
 from peftjax.models.factory import PRESETS, count_parameters, from_config, presets
 from peftjax.models.registry import SUPPORTED_MODEL_TYPES, TASKS
 from peftjax.models.resnet import ResNetConfig, ResNetForImageClassification, ResNetModel
@@ -57,6 +57,7 @@ __all__ = [
     "ViTModel",
     "count_parameters",
     "from_config",
+    "checkpoint_architecture",
     "from_pretrained",
     "presets",
     "save_pretrained",

@@ -206,6 +206,17 @@ def _summarise(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def checkpoint_architecture(path: str | os.PathLike, revision: str | None = None) -> registry.ModelConfig:
+    """The model config of a checkpoint's ``config.json``, without reading its weights
+    (``from_config`` on it builds the architecture with random weights)."""
+    folder = resolve_checkpoint(path, revision, presets=PRESETS)
+    hf_config = read_config(folder)
+    try:
+        return registry.config_from_hf_dict(hf_config)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"{str(folder / CONFIG_NAME)!r}: {error}") from None
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,

@@ -72,6 +72,7 @@ from peftjax.core.labels import PeftOptimizer, RateGroup, make_optimizer
 from peftjax.core.layer_groups import STRATEGY_MODULES
 from peftjax.core.registry import registrar
 from peftjax.errors import PeftError
+from peftjax.plugins import load_entry_points
 from peftjax.methods.base import LabelRule
 from peftjax.models.common import ModelOutput
 from peftjax.schema import ConfigError, Section
@@ -95,6 +96,8 @@ def strategy_from_dict(data: Mapping[str, Any]) -> Strategy:
     whose key is relative to the entry (``layers``, ``type``)."""
     fields = dict(data)
     name = fields.pop("type", None)
+    if name not in _REGISTRY:
+        load_entry_points()  # an installed plugin's strategy
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -156,11 +159,16 @@ class StepContext:
     term may write non-parameter Variables that the next step sees.
     ``batches`` holds one batch per stream (``train`` and the strategies'
     streams). The model runs once per stream per step, when first asked.
+    ``info`` is the run's :class:`RunInfo` (None outside a run): a term on a
+    schedule over the run divides a step counter of its module by
+    ``info.total_steps``.
     """
 
-    def __init__(self, model: nnx.Module, batches: Mapping[str, Any], task_loss: LogitsLoss) -> None:
+    def __init__(self, model: nnx.Module, batches: Mapping[str, Any], task_loss: LogitsLoss,
+                 info: RunInfo | None = None) -> None:
         self.model = model
         self.batches = batches
+        self.info = info
         self._task_loss = task_loss
         self._outputs: dict[str, ModelOutput] = {}
 
@@ -183,14 +191,14 @@ class StepContext:
         return getattr(self.model, STRATEGY_MODULES)[strategy.strategy]
 
 
-def step_loss(task: str, strategies: Sequence[Strategy]):
+def step_loss(task: str, strategies: Sequence[Strategy], info: RunInfo | None = None):
     """``f(model, batches) -> (loss, stats)``: the task's loss on the main stream
     plus every strategy's term; ``stats["terms"]`` holds the terms' values and
     metrics by strategy when there are any."""
     task_loss = logits_loss(task)
 
     def loss(model: nnx.Module, batches: Mapping[str, Any]):
-        ctx = StepContext(model, batches, task_loss)
+        ctx = StepContext(model, batches, task_loss, info)
         total, stats = ctx.task_loss()
         terms = {}
         for strategy in strategies:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from peftjax import data as data_lib
-from peftjax.config import ExperimentConfig
+from peftjax.config import ExperimentConfig, load_config
 from peftjax.core.adapter_io import load_adapter, save_adapter
 from peftjax.core.counting import count_params, summary
 from peftjax.core.inject import apply
@@ -43,6 +43,7 @@ from peftjax.strategies.base import (
     stage_starts,
     stages_at,
     step_loss,
+    strategy_from_dict,
 )
 from peftjax.train.checkpoint import Checkpointer
 from peftjax.train.output import CHECKPOINTS, RESULT_FILE, OutputLock, RunLog, start_point, writable_output_dir
@@ -79,7 +80,7 @@ def build_model(
 ) -> nnx.Module:
     """The base model the config names (a checkpoint or a preset), with its head, and
     ``adapter`` (a saved adapter folder) loaded onto it when given."""
-    from peftjax.models import from_config, from_pretrained
+    from peftjax.models import checkpoint_architecture, from_config, from_pretrained
 
     spec = config.model
     overrides = {**spec.options.to_dict(), **({"remat": True} if config.train.remat else {})}
@@ -88,6 +89,9 @@ def build_model(
     try:
         if folder is None:
             model = from_config(spec.name, seed=config.train.seed, **kwargs, **overrides)
+            return model if adapter is None else load_adapter(model, adapter)
+        if spec.init == "random":  # the checkpoint's architecture, its weights left unread
+            model = from_config(checkpoint_architecture(folder), seed=config.train.seed, **kwargs, **overrides)
             return model if adapter is None else load_adapter(model, adapter)
         return from_pretrained(folder, seed=config.train.seed, config_overrides=overrides or None,
                                ignore_mismatched_sizes=True, freeze_new_head=spec.freeze_new_head, adapter=adapter,
@@ -322,6 +326,14 @@ def _streams(prep: Prepared, positions: dict[str, dict]) -> dict[str, Stream]:
     }
 
 
+def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """An experiment YAML with ``key.sub=value`` overrides: methods and strategies
+    validated, data files checked, before anything trains."""
+    config = load_config(path, overrides, method_validator=config_from_dict, strategy_validator=strategy_from_dict)
+    data_lib.check_data_files(config.data)
+    return config
+
+
 def run(config: ExperimentConfig, *, resume: bool = False, progress: bool = True, fsdp: int = 1) -> dict[str, Any]:
     """Train ``config`` to completion and return the result (also in result.json).
 
@@ -355,7 +367,7 @@ def _run(config: ExperimentConfig, out: pathlib.Path, *, resume: bool, progress:
         tqdm.write(summary(prep.model, state.tx.labels))
     best = meta.get("best", {"metric": None, "step": None})
     positions = {**meta.get("streams", {}), **({MAIN: meta["loader"]} if "loader" in meta else {})}
-    step_fn = make_train_step(step_loss(config.data.task, prep.strategies), grad_accum=loop.grad_accum)
+    step_fn = make_train_step(step_loss(config.data.task, prep.strategies, prep.info), grad_accum=loop.grad_accum)
     eval_loader = prep.task.eval_loader(loop.eval_batch_size, "eval") if "eval" in prep.task.splits else None
     metric_name, higher_is_better = ("loss", False) if config.data.task == "causal_lm" else ("accuracy", True)
 

@@ -46,7 +46,9 @@ class RunInfo:
 
 class Stream:
     """One named stream of training batches: shuffled by (seed, epoch), the last
-    partial batch of an epoch dropped, at a position checkpoints save."""
+    partial batch of an epoch dropped, at a position checkpoints save.
+    ``examples`` are what it batches now; ``loaded`` the examples as the data
+    section gave them, whatever ``replace_examples`` did since."""
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class Stream:
     ) -> None:
         self.name = name
         self._batching = dict(batch_size=batch_size, seed=seed, group_by_length=group_by_length)
-        self.examples = examples
+        self.examples = self.loaded = examples
         self.loader = BatchLoader.for_training(examples, **self._batching)
         self._batches = self.loader.iterate(position)
 

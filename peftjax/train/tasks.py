@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from peftjax.data import IGNORE_INDEX, BatchLoader
+from peftjax.data import IGNORE_INDEX, BatchLoader, ImageExamples, TextExamples
+from peftjax.errors import PeftError
 from peftjax.models.common import ModelOutput
 from peftjax.train.sharding import global_batch
 
@@ -57,6 +59,18 @@ def pooled_features(output: ModelOutput, batch: Batch) -> jax.Array:
         return hidden_btd.mean(axis=1)
     mask_bt1 = batch["attention_mask"].astype(jnp.float32)[..., None]
     return (hidden_btd * mask_bt1).sum(axis=1) / jnp.maximum(mask_bt1.sum(axis=1), 1.0)
+
+
+def pooled_width(model: nnx.Module) -> int:
+    """The width of ``pooled_features``: ``config.hidden_size`` (transformers), or
+    the last stage's channels for a model that lists its stages' widths (ResNet's
+    ``hidden_sizes``)."""
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or (None,))[-1]
+    if width is None:
+        raise PeftError(f"{type(model).__name__} has neither config.hidden_size nor config.hidden_sizes, "
+                        "so the width of its pooled features is unknown; give its config one of them")
+    return int(width)
 
 
 def _weighted(losses: jax.Array, correct: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -130,3 +144,27 @@ def _evaluator(loss_fn: Callable) -> Callable:
 
         _EVALUATORS[loss_fn] = jax.jit(evaluate_batch, static_argnums=0)
     return _EVALUATORS[loss_fn]
+
+
+@jax.jit(static_argnums=0)
+def _features_and_logits(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    output = model_output(nnx.merge(graphdef, state), batch)
+    return pooled_features(output, batch), output.logits
+
+
+def features_and_logits(
+    model: nnx.Module, examples: TextExamples | ImageExamples, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features (N, hidden) and logits (N, ...) of every example, in order,
+    with ``model`` in eval mode (logits None for a model without a head); one
+    program per batch shape."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    loader = BatchLoader.for_evaluation(examples, batch_size)
+    features, logits = [], []
+    for indices in loader.epoch_plan(0):
+        batch_features, batch_logits = _features_and_logits(graphdef, state, loader.batch(indices))
+        features.append(np.asarray(batch_features[: len(indices)], np.float32))
+        if batch_logits is not None:
+            logits.append(np.asarray(batch_logits[: len(indices)], np.float32))
+    return np.concatenate(features), np.concatenate(logits) if logits else None

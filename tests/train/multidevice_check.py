@@ -40,27 +40,34 @@ def batches(count, size=32):
         }
 
 
+def adapter_of(state):
+    return {k: np.asarray(v).tolist() for k, v in peftjax.core.adapter_io.adapter_state(state.model()).items()}
+
+
 def train(mesh, *, grad_accum=1, steps=10):
+    """The losses, the adapter after the first step and after the last, and the final state."""
     state = fresh_state().on_mesh(mesh)
     step = peftjax.make_train_step(loss_fn, grad_accum=grad_accum)
     losses = []
     for batch in batches(steps):
         state, metrics = step(state, global_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
-    adapter = {k: np.asarray(v).tolist() for k, v in peftjax.core.adapter_io.adapter_state(state.model()).items()}
-    return losses, adapter, state
+        if len(losses) == 1:
+            first_adapter = adapter_of(state)
+    return losses, first_adapter, adapter_of(state), state
 
 
 def main():
     assert jax.device_count() == 8, jax.devices()
     single_mesh = make_mesh(devices=jax.devices()[:1])
     fsdp_mesh = make_mesh(fsdp=4)
-    single, single_adapter, _ = train(single_mesh)
-    data_parallel, dp_adapter, _ = train(make_mesh())
-    fsdp, fsdp_adapter, fsdp_state = train(fsdp_mesh)
+    # The single-device run's first step is also the reference for accumulation: one step on the whole batch.
+    single, whole_adapter, single_adapter, _ = train(single_mesh)
+    whole = single[:1]
+    data_parallel, _, dp_adapter, _ = train(make_mesh())
+    fsdp, _, fsdp_adapter, fsdp_state = train(fsdp_mesh)
     specs = parameter_specs(fsdp_state.model(), fsdp_mesh)
-    whole, whole_adapter, _ = train(single_mesh, steps=1)
-    accumulated, accumulated_adapter, _ = train(make_mesh(), grad_accum=4, steps=1)
+    accumulated, _, accumulated_adapter, _ = train(make_mesh(), grad_accum=4, steps=1)
     kernel = "bert.encoder.layer.0.attention.self.query.base.kernel"
     lora_a = "bert.encoder.layer.0.attention.self.query.lora_a"
     json.dump({
