@@ -63,6 +63,7 @@ class Checkpointer:
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - orbax wraps I/O errors in several types; all mean "not written"
             self._failed = step
+            self._settle()
             self._remove_partial(step)
             previous = [s for s in self.steps() if s != step]
             kept = f"the previous checkpoint, step {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
@@ -71,6 +72,14 @@ class Checkpointer:
                 "Free disk space or make the folder writable, then run the same command with --resume."
             ) from None
         return self.folder / str(step)
+
+    def _settle(self) -> None:
+        """Waits for orbax's background writers of a failed save: one still running
+        after the error could recreate the temporary folder once it is removed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 - the save's failure is being reported already
+            pass
 
     def _remove_partial(self, step: int) -> None:
         if jax.process_index() != 0:
